@@ -1,0 +1,39 @@
+# xdcr — build, test, demo. README and .ci/run call only these targets.
+GO        ?= go
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -X main.version=$(VERSION)
+FUZZTIME  ?= 20s
+BIN       := bin/xdcr
+
+.PHONY: all build test test-short lint fuzz demo clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/xdcr
+
+# Everything, including the multi-site integration tests against real
+# PostgreSQL clusters and NATS servers that the tests start themselves.
+test:
+	$(GO) test -race -count=1 -timeout 40m ./...
+
+# The inner loop: unit tests only.
+test-short:
+	$(GO) test -short -count=1 ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "fuzz $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+demo: build
+	$(BIN) demo
+
+clean:
+	rm -rf bin
