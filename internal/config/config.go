@@ -1,0 +1,359 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// WitnessSite is the site of a Raft member that has no database: it only
+// votes, so two data sites plus a witness survive the loss of either site.
+// It is not a valid name under sites.
+const WitnessSite = "witness"
+
+// Unlimited as [Stream].MaxAge keeps the change stream for ever. It is
+// written "unlimited" (or -1) in the file.
+const Unlimited time.Duration = -1
+
+// Config is the cluster description every agent shares. [Parse] and [Load]
+// return it normalized (table names as "schema.table"), with defaults
+// applied and validated. A Config built in code may leave the tuning blocks
+// zero: zero means the default, see [Config.ApplyDefaults].
+type Config struct {
+	// Cluster names the replication slot (xdcr_<cluster>), the streams and
+	// the subjects. Lower-case letters, digits and '-'.
+	Cluster string
+	// Primary is the authoritative site at the first bootstrap only; after
+	// that Raft holds the current primary.
+	Primary string
+	// Tables are the replicated tables, normalized by [NormalizeTable].
+	Tables []string
+	// Sites are the data sites by name: each has a PostgreSQL database and a
+	// NATS server. The witness is not a site.
+	Sites map[string]Site
+	// Nodes are the Raft members by node id.
+	Nodes map[string]Node
+	// Cache maps a table (normalized, one of Tables) to the templates of the
+	// cache keys its rows produce, e.g. "account:{id}".
+	Cache map[string][]string
+
+	Capture Capture
+	Apply   Apply
+	Stream  Stream
+}
+
+// Site is one datacenter's services.
+type Site struct {
+	// Postgres is the connection string of the site's database, as a URL
+	// (postgres://…) or key=value pairs; see pgconn.ParseConfig.
+	Postgres string
+	// NATS is the site's NATS server: nats://host:port or tls://host:port,
+	// several separated by commas. See [Site.NATSServers].
+	NATS string
+	// Redis is the site's cache, optional: redis://, rediss:// or
+	// memcache://host:port (memcache:// takes a comma-separated host list).
+	Redis string
+}
+
+// NATSServers splits NATS into its URLs.
+func (s Site) NATSServers() []string {
+	var out []string
+	for _, u := range strings.Split(s.NATS, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// Node is one Raft member.
+type Node struct {
+	// Site is a key of Config.Sites, or WitnessSite.
+	Site string
+	// Raft is the host:port of the Raft transport; the other nodes dial it.
+	Raft string
+	// HTTP is the host:port of /healthz, /metrics and /v1/status.
+	HTTP string
+}
+
+// IsWitness reports whether the node only votes.
+func (n Node) IsWitness() bool { return n.Site == WitnessSite }
+
+// Capture tunes the source agent.
+type Capture struct {
+	// MaxBatchBytes bounds one published message. Default 1MiB; 4KiB..8MiB.
+	MaxBatchBytes int
+	// FlushInterval is how long committed transactions may wait to fill a
+	// message. Default 5ms; (0, 1s].
+	FlushInterval time.Duration
+	// MaxInFlight is the number of unacknowledged publishes. Default 256;
+	// 1..65536.
+	MaxInFlight int
+	// StatusInterval is the standby status cadence to PostgreSQL. Default
+	// 1s; below 60s (the default wal_sender_timeout).
+	StatusInterval time.Duration
+}
+
+// Apply tunes the apply agents.
+type Apply struct {
+	// MaxBatchTxns is how many source transactions one target transaction
+	// may hold. Default 1000; at least 1.
+	MaxBatchTxns int
+	// MaxBatchBytes bounds one target transaction. Default 8MiB;
+	// 4KiB..1GiB.
+	MaxBatchBytes int
+}
+
+// Stream sets the retention of each site's change stream.
+type Stream struct {
+	// MaxAge is how long a site keeps changes. Default 168h; [Unlimited]
+	// keeps them for ever.
+	MaxAge time.Duration
+	// MaxBytes caps the stream size; 0 is unlimited (the default).
+	MaxBytes int64
+	// DuplicateWindow is JetStream's deduplication window. Default 2m; at
+	// most MaxAge.
+	DuplicateWindow time.Duration
+}
+
+// DefaultCapture returns the capture settings used for zero fields.
+func DefaultCapture() Capture {
+	return Capture{
+		MaxBatchBytes:  1 << 20,
+		FlushInterval:  5 * time.Millisecond,
+		MaxInFlight:    256,
+		StatusInterval: time.Second,
+	}
+}
+
+// DefaultApply returns the apply settings used for zero fields.
+func DefaultApply() Apply {
+	return Apply{MaxBatchTxns: 1000, MaxBatchBytes: 8 << 20}
+}
+
+// DefaultStream returns the stream settings used for zero fields.
+func DefaultStream() Stream {
+	return Stream{MaxAge: 168 * time.Hour, MaxBytes: 0, DuplicateWindow: 2 * time.Minute}
+}
+
+func (c Capture) withDefaults() Capture {
+	d := DefaultCapture()
+	if c.MaxBatchBytes == 0 {
+		c.MaxBatchBytes = d.MaxBatchBytes
+	}
+	if c.FlushInterval == 0 {
+		c.FlushInterval = d.FlushInterval
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = d.MaxInFlight
+	}
+	if c.StatusInterval == 0 {
+		c.StatusInterval = d.StatusInterval
+	}
+	return c
+}
+
+func (a Apply) withDefaults() Apply {
+	d := DefaultApply()
+	if a.MaxBatchTxns == 0 {
+		a.MaxBatchTxns = d.MaxBatchTxns
+	}
+	if a.MaxBatchBytes == 0 {
+		a.MaxBatchBytes = d.MaxBatchBytes
+	}
+	return a
+}
+
+func (s Stream) withDefaults() Stream {
+	d := DefaultStream()
+	if s.MaxAge == 0 {
+		s.MaxAge = d.MaxAge
+	}
+	if s.DuplicateWindow == 0 {
+		s.DuplicateWindow = d.DuplicateWindow
+	}
+	return s
+}
+
+// ApplyDefaults replaces every zero tuning value with its default. Parse
+// calls it; call it on a Config built in code before handing its values to
+// components.
+func (c *Config) ApplyDefaults() {
+	c.Capture = c.Capture.withDefaults()
+	c.Apply = c.Apply.withDefaults()
+	c.Stream = c.Stream.withDefaults()
+}
+
+// Load reads the file at path and parses it with [Parse], expanding ${VAR}
+// from the process environment.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	c, err := Parse(data, os.LookupEnv)
+	if err != nil {
+		if n := countErrors(err); n > 1 {
+			return nil, fmt.Errorf("config %s has %d problems:\n%w", path, n, err)
+		}
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+func countErrors(err error) int {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return len(j.Unwrap())
+	}
+	return 1
+}
+
+// Parse reads a config file's bytes. It expands ${VAR} in every string
+// value through lookupEnv (nil means no variable is set), decodes the YAML
+// rejecting unknown keys, normalizes table names, applies defaults and
+// validates the result.
+//
+// A file that is not YAML gives a *[SyntaxError]. Otherwise every problem is
+// reported at once, as errors.Join of *[FieldError] values with their line
+// numbers, ordered by line. No message contains a password or a value taken
+// from the environment.
+func Parse(data []byte, lookupEnv func(string) (string, bool)) (*Config, error) {
+	if lookupEnv == nil {
+		lookupEnv = func(string) (string, bool) { return "", false }
+	}
+	doc, err := parseYAML(data)
+	if err != nil {
+		return nil, err
+	}
+	d := newDecoder(lookupEnv)
+	c := d.config(doc)
+	c.ApplyDefaults()
+
+	errs := d.errs
+	for _, e := range c.validate(d.raw) {
+		if !d.failedAt(e.Path) {
+			errs = append(errs, e)
+		}
+	}
+	if len(errs) == 0 {
+		return c, nil
+	}
+	s := newScrubber(d.secrets, minScrubLen)
+	for _, e := range errs {
+		if e.Line == 0 {
+			e.Line = d.lineOf(e.Path)
+		}
+		e.Problem = s.scrub(e.Problem)
+		e.Fix = s.scrub(e.Fix)
+	}
+	sortByLine(errs)
+	return nil, joinFieldErrors(errs)
+}
+
+// parseYAML decodes the single YAML document in data. An empty file gives
+// an empty document.
+func parseYAML(data []byte) (doc *yaml.Node, err error) {
+	defer func() {
+		// The YAML library is not ours; a bug in it must not take the
+		// process down while it reads a config file.
+		if r := recover(); r != nil {
+			doc, err = nil, &SyntaxError{Msg: fmt.Sprint("the YAML parser failed: ", r), Fix: "simplify the file", Err: errors.New("yaml parser panic")}
+		}
+	}()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var n yaml.Node
+	if err := dec.Decode(&n); err != nil {
+		if errors.Is(err, io.EOF) {
+			return &yaml.Node{Kind: yaml.DocumentNode}, nil
+		}
+		return nil, newSyntaxError(err, data)
+	}
+	for {
+		// Only empty documents may follow, as after a trailing "---".
+		var extra yaml.Node
+		err := dec.Decode(&extra)
+		switch {
+		case errors.Is(err, io.EOF):
+			return &n, nil
+		case err != nil:
+			return nil, newSyntaxError(err, data)
+		case len(extra.Content) > 0 && !isNull(extra.Content[0]):
+			return nil, &SyntaxError{
+				Line: extra.Line,
+				Msg:  "the file holds more than one YAML document",
+				Fix:  "remove the second --- and what follows it, or merge the documents",
+				Err:  errors.New("more than one YAML document"),
+			}
+		}
+	}
+}
+
+// SiteNames returns the names of the data sites, sorted.
+func (c *Config) SiteNames() []string {
+	return slices.Sorted(maps.Keys(c.Sites))
+}
+
+// NodeNames returns the node ids, sorted.
+func (c *Config) NodeNames() []string {
+	return slices.Sorted(maps.Keys(c.Nodes))
+}
+
+// Node returns the node with the given id.
+func (c *Config) Node(id string) (Node, bool) {
+	n, ok := c.Nodes[id]
+	return n, ok
+}
+
+// NodesIn returns the ids of the nodes in site (a data site or
+// WitnessSite), sorted.
+func (c *Config) NodesIn(site string) []string {
+	var ids []string
+	for id, n := range c.Nodes {
+		if n.Site == site {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// SlotName returns the name of the logical replication slot:
+// "xdcr_" + Cluster with '-' replaced by '_'.
+func (c *Config) SlotName() string {
+	return "xdcr_" + strings.ReplaceAll(c.Cluster, "-", "_")
+}
+
+// Redacted returns a deep copy of c with the passwords in every connection
+// string replaced by "xxxxx" (see [RedactDSN]), for `config show` and logs.
+func (c *Config) Redacted() *Config {
+	r := c.clone()
+	for name, s := range r.Sites {
+		s.Postgres = RedactDSN(s.Postgres)
+		s.NATS = RedactDSN(s.NATS)
+		s.Redis = RedactDSN(s.Redis)
+		r.Sites[name] = s
+	}
+	return r
+}
+
+func (c *Config) clone() *Config {
+	r := *c
+	r.Tables = slices.Clone(c.Tables)
+	r.Sites = maps.Clone(c.Sites)
+	r.Nodes = maps.Clone(c.Nodes)
+	if c.Cache != nil {
+		r.Cache = make(map[string][]string, len(c.Cache))
+		for k, v := range c.Cache {
+			r.Cache[k] = slices.Clone(v)
+		}
+	}
+	return &r
+}
