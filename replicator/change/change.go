@@ -219,3 +219,12 @@ func (p Position) Less(q Position) bool {
 func (p Position) String() string {
 	return fmt.Sprintf("%s@%d:%s", p.Origin, p.Epoch, p.LSN)
 }
+
+// Delivery is one message as a consumer received it from a stream.
+type Delivery struct {
+	Seq   uint64 // the stream sequence
+	Batch *Batch // nil when Err is set
+	Size  int    // bytes on the wire
+	// Err is set when the message could not be decoded; it names the cause.
+	Err error
+}

@@ -1,0 +1,764 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+// subscriber is what apply needs from the transport.
+type subscriber interface {
+	// Subscribe delivers the messages of stream that come after sequence
+	// afterSeq, in stream order, without gaps other than deleted messages.
+	// The channel is closed when the subscription ends; stop ends it and
+	// returns the error that ended it, if any. stop may be called twice.
+	Subscribe(ctx context.Context, stream string, afterSeq uint64) (msgs <-chan change.Delivery, stop func() error, err error)
+}
+
+// ApplyConfig configures the apply pipeline of one replica site.
+type ApplyConfig struct {
+	Cluster string
+	Site    string
+	DSN     string // the site's PostgreSQL
+	Stream  string // the local stream that holds the primary's changes
+	// MaxBatchTxns and MaxBatchBytes bound how many source transactions
+	// (and how many bytes of messages) one target transaction may group.
+	MaxBatchTxns  int
+	MaxBatchBytes int
+	// SynchronousCommit waits for the replica's WAL flush on every target
+	// commit. Off is safe for exactly-once (the position commits with the
+	// data, so a crash loses both together and they are applied again); it
+	// only widens what a crash of the replica's PostgreSQL re-applies.
+	SynchronousCommit bool
+}
+
+func (c *ApplyConfig) withDefaults() ApplyConfig {
+	out := *c
+	if out.MaxBatchTxns <= 0 {
+		out.MaxBatchTxns = 1000
+	}
+	if out.MaxBatchBytes <= 0 {
+		out.MaxBatchBytes = 8 << 20
+	}
+	return out
+}
+
+// AppliedPosition is how far a replica has applied the change stream. It is
+// stored in xdcr.apply_position in the same transaction as the data.
+type AppliedPosition struct {
+	change.Position
+	CommitTime time.Time // the source commit time of the transaction at LSN
+	Stream     string    // the stream Seq refers to
+	Seq        uint64    // the last stream message fully applied
+}
+
+// Apply applies the change stream to a replica site's PostgreSQL, exactly
+// once and in source commit order.
+type Apply struct {
+	cfg       ApplyConfig
+	sub       subscriber
+	log       *slog.Logger
+	status    StatusFunc
+	onApplied func(AppliedPosition)
+}
+
+// NewApply returns an apply pipeline; nothing runs until Run. onApplied, if
+// not nil, is called after every target commit with the new position; it
+// must not block.
+func NewApply(cfg ApplyConfig, sub subscriber, log *slog.Logger, status StatusFunc, onApplied func(AppliedPosition)) *Apply {
+	if status == nil {
+		status = func(string, error) {}
+	}
+	if onApplied == nil {
+		onApplied = func(AppliedPosition) {}
+	}
+	return &Apply{cfg: cfg.withDefaults(), sub: sub, log: log.With("component", "apply"), status: status, onApplied: onApplied}
+}
+
+// Run applies until ctx ends, then returns ctx.Err(). Nothing is applied
+// partially: a source transaction is committed whole or not at all. A
+// problem an operator must fix (a missing table or column, a malformed
+// message, a gap in the stream, a row the replica lacks) pauses apply; it
+// logs what is wrong and how to fix it and tries again with a growing
+// pause, so it resumes by itself once the fix is in.
+func (a *Apply) Run(ctx context.Context) error {
+	backoff := newBackoff(500*time.Millisecond, 30*time.Second)
+	for {
+		a.status(StateStarting, nil)
+		progressed, err := a.session(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if progressed {
+			backoff.reset()
+		}
+		wait := backoff.next()
+		if isPermanent(err) {
+			a.status(StatePaused, err)
+			a.log.Error("apply paused", "err", err, "retry_in", wait)
+		} else {
+			a.status(StateReconnecting, err)
+			a.log.Warn("apply session ended; restarting", "err", err, "retry_in", wait)
+		}
+		if err := sleep(ctx, wait); err != nil {
+			return err
+		}
+	}
+}
+
+// session applies from the stored position until something fails. It
+// reports whether it committed anything.
+func (a *Apply) session(ctx context.Context) (bool, error) {
+	conn, err := connectApply(ctx, a.cfg)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	meta, err := connectMeta(ctx, a.cfg.DSN)
+	if err != nil {
+		return false, err
+	}
+	defer meta.Close(context.WithoutCancel(ctx))
+
+	if err := ensureApplySchema(ctx, conn); err != nil {
+		return false, err
+	}
+	pos, err := loadPosition(ctx, conn, a.cfg.Cluster)
+	if err != nil {
+		return false, err
+	}
+	after := pos.Seq
+	if pos.Stream != a.cfg.Stream {
+		// another stream (a new primary): read it whole, positions decide
+		after = 0
+	}
+	msgs, stop, err := a.sub.Subscribe(ctx, a.cfg.Stream, after)
+	if err != nil {
+		return false, fmt.Errorf("subscribe to stream %s: %w", a.cfg.Stream, err)
+	}
+	defer stop()
+	a.log.Info("apply streaming", "stream", a.cfg.Stream, "after_seq", after, "position", pos.Position)
+	a.status(StateStreaming, nil)
+
+	w := &applier{
+		cfg:     a.cfg,
+		conn:    conn,
+		meta:    meta,
+		log:     a.log,
+		pos:     pos,
+		head:    pos,
+		prefix:  pos,
+		targets: make(map[string]*target),
+	}
+	progressed := false
+	for {
+		d, err := receive(ctx, msgs, stop, true)
+		if err != nil {
+			return progressed, err
+		}
+		if err := w.add(ctx, d); err != nil {
+			return progressed, err
+		}
+		// group what is already here, within the bounds
+		for w.chunk == nil && !w.full() {
+			d, err := receive(ctx, msgs, stop, false)
+			if err != nil {
+				return progressed, err
+			}
+			if d == nil {
+				break
+			}
+			if err := w.add(ctx, d); err != nil {
+				return progressed, err
+			}
+		}
+		if w.chunk == nil {
+			committed, err := w.commitGroup(ctx)
+			if err != nil {
+				return progressed, err
+			}
+			if committed {
+				progressed = true
+				a.onApplied(w.pos)
+			}
+		}
+	}
+}
+
+// receive takes the next delivery. Without block it returns nil when none
+// is waiting.
+func receive(ctx context.Context, msgs <-chan change.Delivery, stop func() error, block bool) (*change.Delivery, error) {
+	var (
+		d  change.Delivery
+		ok bool
+	)
+	if block {
+		select {
+		case d, ok = <-msgs:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	} else {
+		select {
+		case d, ok = <-msgs:
+		default:
+			return nil, nil
+		}
+	}
+	if !ok {
+		if err := stop(); err != nil {
+			return nil, fmt.Errorf("change stream subscription ended: %w", err)
+		}
+		return nil, errors.New("change stream subscription ended")
+	}
+	return &d, nil
+}
+
+// applier builds target transactions from deliveries.
+type applier struct {
+	cfg  ApplyConfig
+	conn *pgx.Conn
+	meta *pgx.Conn
+	log  *slog.Logger
+
+	pos  AppliedPosition // committed in the replica
+	head AppliedPosition // after everything queued
+
+	// the group of whole transactions being built
+	queued  []stmt
+	mark    int             // len(queued) after the last whole transaction
+	prefix  AppliedPosition // head after the last whole transaction
+	txns    int
+	bytes   int
+	lastSeq uint64 // last delivery folded into the group
+
+	chunk *openChunk // a large transaction open in the replica
+
+	targets map[string]*target // by relationKey
+	rels    map[*change.Relation]*target
+	nstmt   int
+}
+
+type openChunk struct {
+	txn  change.Txn // header of the transaction (no changes)
+	next uint32     // index of the chunk expected next
+}
+
+// stmt is one statement of a target transaction and what it stands for.
+type stmt struct {
+	sd      *pgconn.StatementDescription // prepared, or nil for sql
+	sql     string
+	params  [][]byte
+	formats []int16
+	rows    int64 // rows it must affect; -1 for any
+
+	seq uint64
+	txn change.LSN
+	c   *change.Change
+}
+
+func (w *applier) full() bool {
+	return w.txns >= w.cfg.MaxBatchTxns || w.bytes >= w.cfg.MaxBatchBytes
+}
+
+// add folds one delivery into the current group, or into the open large
+// transaction.
+func (w *applier) add(ctx context.Context, d *change.Delivery) error {
+	if d.Err != nil {
+		return permanent(fmt.Errorf("stream %s seq %d: %w", w.cfg.Stream, d.Seq, d.Err),
+			fmt.Sprintf("inspect it with `nats stream get %s %d`; if xdcr did not publish it, delete it from this site's stream "+
+				"(`nats stream rmm %s %d`); apply resumes by itself", w.cfg.Stream, d.Seq, w.cfg.Stream, d.Seq))
+	}
+	b := d.Batch
+	w.rels = make(map[*change.Relation]*target)
+	if b.Heartbeat != nil || len(b.Txns) == 0 {
+		w.lastSeq = d.Seq
+		return nil
+	}
+	if b.Epoch < w.head.Epoch {
+		w.log.Warn("dropped a batch of an older epoch", "stream", w.cfg.Stream, "seq", d.Seq,
+			"epoch", b.Epoch, "current_epoch", w.head.Epoch, "origin", b.Origin)
+		w.lastSeq = d.Seq
+		return nil
+	}
+	if b.Chunk != nil {
+		return w.addChunk(ctx, d)
+	}
+	if w.chunk != nil {
+		return w.gap(d, fmt.Sprintf("a whole transaction arrived while chunk %d of transaction %s was expected",
+			w.chunk.next, w.chunk.txn.LSN))
+	}
+	for i := range b.Txns {
+		txn := &b.Txns[i]
+		skip, err := w.check(d, b, txn)
+		if err != nil {
+			return err
+		}
+		if skip {
+			continue
+		}
+		if err := w.queueTxn(ctx, d.Seq, txn); err != nil {
+			// apply what came before the transaction that cannot be applied
+			if perr := w.commitPrefix(ctx); perr != nil {
+				return errors.Join(err, perr)
+			}
+			return err
+		}
+		w.mark = len(w.queued)
+		w.head = AppliedPosition{
+			Position:   change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.LSN},
+			CommitTime: txn.CommitTime,
+			Stream:     w.cfg.Stream,
+		}
+		w.prefix = w.head
+		w.txns++
+	}
+	w.bytes += d.Size
+	w.lastSeq = d.Seq
+	return nil
+}
+
+// check decides whether txn was applied already, and stops on a gap.
+func (w *applier) check(d *change.Delivery, b *change.Batch, txn *change.Txn) (skip bool, err error) {
+	sameEpoch := b.Epoch == w.head.Epoch && b.Origin == w.head.Origin
+	if sameEpoch && txn.LSN <= w.head.LSN {
+		return true, nil
+	}
+	if sameEpoch && txn.PrevLSN != 0 && w.head.LSN != 0 && txn.PrevLSN != w.head.LSN {
+		return false, &GapError{Stream: w.cfg.Stream, Seq: d.Seq,
+			Applied: w.head.Position.String(),
+			Prev:    change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.PrevLSN}.String()}
+	}
+	return false, nil
+}
+
+func (w *applier) gap(d *change.Delivery, what string) error {
+	return permanent(fmt.Errorf("stream %s seq %d: %s", w.cfg.Stream, d.Seq, what),
+		"a message is missing from this site's stream; check the stream with `nats stream info` and re-seed the site with `xdcr sync` if messages were lost")
+}
+
+func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
+	b := d.Batch
+	txn := &b.Txns[0]
+	if w.chunk != nil && b.Chunk.Index == 0 && txn.LSN == w.chunk.txn.LSN {
+		// the publisher restarted this transaction from its first chunk
+		w.log.Info("large transaction republished; starting it over", "lsn", txn.LSN, "seq", d.Seq)
+		if _, err := w.conn.Exec(ctx, "ROLLBACK"); err != nil {
+			return fmt.Errorf("roll back the partial transaction %s: %w", txn.LSN, err)
+		}
+		w.chunk, w.head = nil, w.pos
+	}
+	if w.chunk == nil {
+		if b.Chunk.Index != 0 {
+			skip, err := w.check(d, b, txn)
+			if err != nil || skip {
+				return err
+			}
+			return w.gap(d, fmt.Sprintf("chunk %d of transaction %s arrived without its first chunk", b.Chunk.Index, txn.LSN))
+		}
+		skip, err := w.check(d, b, txn)
+		if err != nil {
+			return err
+		}
+		if skip {
+			w.lastSeq = d.Seq
+			return nil
+		}
+		// whole transactions before it commit on their own
+		if _, err := w.commitGroup(ctx); err != nil {
+			return err
+		}
+		hdr := *txn
+		hdr.Changes = nil
+		w.chunk = &openChunk{txn: hdr}
+		w.queued = append(w.queued,
+			stmt{sql: "BEGIN", rows: -1, seq: d.Seq, txn: txn.LSN},
+			stmt{sql: "SELECT 1 FROM xdcr.apply_position WHERE cluster = $1 AND epoch = $2 AND lsn = $3::pg_lsn AND stream_seq = $4 FOR UPDATE",
+				params: [][]byte{[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq)},
+				rows:   1, seq: d.Seq, txn: txn.LSN})
+	} else if txn.LSN != w.chunk.txn.LSN || b.Chunk.Index != w.chunk.next {
+		return w.gap(d, fmt.Sprintf("chunk %d of transaction %s arrived while chunk %d of transaction %s was expected",
+			b.Chunk.Index, txn.LSN, w.chunk.next, w.chunk.txn.LSN))
+	}
+	if err := w.queueTxn(ctx, d.Seq, txn); err != nil {
+		return err
+	}
+	w.chunk.next++
+	if b.Chunk.Final {
+		w.head = AppliedPosition{
+			Position:   change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.LSN},
+			CommitTime: txn.CommitTime,
+			Stream:     w.cfg.Stream,
+			Seq:        d.Seq,
+		}
+		w.lastSeq = d.Seq
+		w.queued = append(w.queued, w.advanceStmt(d.Seq), stmt{sql: "COMMIT", rows: -1, seq: d.Seq, txn: txn.LSN})
+	}
+	if err := w.exec(ctx); err != nil {
+		return err
+	}
+	if b.Chunk.Final {
+		w.chunk = nil
+		w.pos = w.head
+	}
+	return nil
+}
+
+// commitPrefix commits the transactions queued before the current one,
+// which failed to queue.
+func (w *applier) commitPrefix(ctx context.Context) error {
+	w.queued = w.queued[:w.mark]
+	w.head = w.prefix
+	_, err := w.commitGroup(ctx)
+	return err
+}
+
+// commitGroup applies the queued whole transactions in one target
+// transaction together with the new position. It reports whether it
+// committed anything.
+func (w *applier) commitGroup(ctx context.Context) (bool, error) {
+	if len(w.queued) == 0 {
+		return false, nil
+	}
+	w.head.Seq = w.lastSeq
+	// the position goes first: its row lock keeps a second agent of the
+	// same site from applying the same transactions concurrently
+	w.queued = append([]stmt{w.advanceStmt(w.lastSeq)}, w.queued...)
+	if err := w.exec(ctx); err != nil {
+		return false, err
+	}
+	w.pos = w.head
+	w.txns, w.bytes = 0, 0
+	return true, nil
+}
+
+// advanceStmt moves the stored position from pos to head, and fails the
+// transaction if the stored position is not pos any more.
+func (w *applier) advanceStmt(seq uint64) stmt {
+	var ct []byte
+	if !w.head.CommitTime.IsZero() {
+		ct = []byte(w.head.CommitTime.Format(time.RFC3339Nano))
+	}
+	return stmt{
+		sql: "SELECT xdcr.advance($1, $2, $3::pg_lsn, $4, $5, $6, $7::pg_lsn, $8::timestamptz, $9, $10)",
+		params: [][]byte{
+			[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq),
+			[]byte(w.head.Origin), itoa(w.head.Epoch), []byte(w.head.LSN.String()), ct,
+			[]byte(w.cfg.Stream), itoa(seq),
+		},
+		rows: 1, seq: seq, txn: w.head.LSN,
+	}
+}
+
+func itoa(n uint64) []byte { return strconv.AppendUint(nil, n, 10) }
+
+// exec sends the queued statements in one round trip and checks each
+// result.
+func (w *applier) exec(ctx context.Context) error {
+	if len(w.queued) == 0 {
+		return nil
+	}
+	batch := &pgconn.Batch{}
+	for i := range w.queued {
+		s := &w.queued[i]
+		if s.sd != nil {
+			batch.ExecStatement(s.sd, s.params, s.formats, nil)
+		} else {
+			batch.ExecParams(s.sql, s.params, nil, nil, nil)
+		}
+	}
+	queued := w.queued
+	w.queued, w.mark = w.queued[:0:0], 0
+	mrr := w.conn.PgConn().ExecBatch(ctx, batch)
+	i := 0
+	var first error
+	for mrr.NextResult() {
+		tag, err := mrr.ResultReader().Close()
+		if first == nil && i < len(queued) {
+			s := &queued[i]
+			if err != nil {
+				first = w.stmtError(s, err)
+			} else if s.rows >= 0 && tag.RowsAffected() != s.rows {
+				first = w.rowsError(s, tag.RowsAffected())
+			}
+		}
+		i++
+	}
+	if err := mrr.Close(); err != nil && first == nil {
+		if i < len(queued) {
+			first = w.stmtError(&queued[i], err)
+		} else {
+			first = fmt.Errorf("commit on replica site %s: %w", w.cfg.Site, err)
+		}
+	}
+	return first
+}
+
+func (w *applier) stmtError(s *stmt, err error) error {
+	where := fmt.Sprintf("stream %s seq %d, source transaction %s", w.cfg.Stream, s.seq, s.txn)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "XD001" {
+		return fmt.Errorf("%s: %w (another agent is applying to site %s?)", where, err, w.cfg.Site)
+	}
+	what := "apply"
+	if s.c != nil {
+		what = s.c.Op.String()
+		if s.c.Rel != nil {
+			what += " on " + s.c.Rel.String()
+		}
+	}
+	if errors.As(err, &pgErr) && permanentSQLState(pgErr.Code) {
+		return permanent(fmt.Errorf("%s: %s: %w", where, what, err),
+			"make the replica's table accept the primary's rows (compare both definitions); apply resumes by itself")
+	}
+	return fmt.Errorf("%s: %s: %w", where, what, err)
+}
+
+func (w *applier) rowsError(s *stmt, got int64) error {
+	where := fmt.Sprintf("stream %s seq %d, source transaction %s", w.cfg.Stream, s.seq, s.txn)
+	if s.c == nil {
+		// the position row: it moved, or was never created
+		return fmt.Errorf("%s: the applied position of cluster %s changed underneath this agent (another agent applying to site %s?)",
+			where, w.cfg.Cluster, w.cfg.Site)
+	}
+	key := ""
+	if s.c.Rel != nil {
+		vals := s.c.Old
+		if vals == nil {
+			vals = s.c.New
+		}
+		key = " " + describeKey(s.c.Rel, keyIndexes(s.c.Rel), vals)
+	}
+	return permanent(fmt.Errorf("%s: %s on %s%s changed %d rows on replica site %s, want 1: the replica has diverged from the primary",
+		where, s.c.Op, s.c.Rel, key, got, w.cfg.Site),
+		"find out what changed the replica directly (only xdcr may write to it), then re-seed it with `xdcr sync "+w.cfg.Site+"`")
+}
+
+func keyIndexes(rel *change.Relation) []int {
+	var keys []int
+	for i, c := range rel.Columns {
+		if c.Key {
+			keys = append(keys, i)
+		}
+	}
+	return keys
+}
+
+// permanentSQLState says whether an error class needs an operator: data
+// exceptions, integrity violations, undefined objects, privileges.
+func permanentSQLState(code string) bool {
+	if len(code) < 2 {
+		return false
+	}
+	switch code[:2] {
+	case "22", "23", "42", "0A", "2B", "44":
+		return true
+	}
+	return false
+}
+
+// queueTxn turns a transaction's changes into statements.
+func (w *applier) queueTxn(ctx context.Context, seq uint64, txn *change.Txn) error {
+	for i := range txn.Changes {
+		c := &txn.Changes[i]
+		s, err := w.statement(ctx, c)
+		if err != nil {
+			var schema *SchemaError
+			if errors.As(err, &schema) {
+				return fmt.Errorf("stream %s seq %d, source transaction %s: %w", w.cfg.Stream, seq, txn.LSN, err)
+			}
+			return err
+		}
+		s.seq, s.txn, s.c = seq, txn.LSN, c
+		w.queued = append(w.queued, s)
+	}
+	return nil
+}
+
+func (w *applier) target(ctx context.Context, rel *change.Relation) (*target, error) {
+	if t, ok := w.rels[rel]; ok {
+		return t, nil
+	}
+	key := relationKey(rel)
+	t, ok := w.targets[key]
+	if !ok {
+		var err error
+		if t, err = resolveTarget(ctx, w.meta, rel, w.cfg.Site); err != nil {
+			return nil, err
+		}
+		w.targets[key] = t
+	}
+	w.rels[rel] = t
+	return t, nil
+}
+
+// prepared returns the statement for key, preparing sql on first use.
+func (w *applier) prepared(ctx context.Context, t *target, key string, sql func() string) (*pgconn.StatementDescription, error) {
+	if sd, ok := t.stmts[key]; ok {
+		return sd, nil
+	}
+	w.nstmt++
+	text := sql()
+	sd, err := w.conn.PgConn().Prepare(ctx, "xdcr_"+strconv.Itoa(w.nstmt), text, nil)
+	if err != nil {
+		return nil, fmt.Errorf("prepare %q on replica site %s: %w", text, w.cfg.Site, err)
+	}
+	t.stmts[key] = sd
+	return sd, nil
+}
+
+func (w *applier) statement(ctx context.Context, c *change.Change) (stmt, error) {
+	if c.Op == change.Truncate {
+		return stmt{sql: truncateSQL(c), rows: -1}, nil
+	}
+	t, err := w.target(ctx, c.Rel)
+	if err != nil {
+		return stmt{}, err
+	}
+	switch c.Op {
+	case change.Insert:
+		sd, err := w.prepared(ctx, t, "i", t.insertSQL)
+		if err != nil {
+			return stmt{}, err
+		}
+		s := stmt{sd: sd, rows: 1}
+		s.params, s.formats = params(c.New, nil)
+		return s, nil
+	case change.Update:
+		var set []int
+		for i, v := range c.New {
+			if v.Kind != change.Unchanged {
+				set = append(set, i)
+			}
+		}
+		keyVals := c.Old
+		if keyVals == nil {
+			keyVals = c.New
+		}
+		where, err := whereColumns(t, c, keyVals)
+		if err != nil {
+			return stmt{}, err
+		}
+		if len(set) == 0 {
+			// nothing but unchanged TOAST values: the row stays as it is
+			set = where[:0:0]
+		}
+		key := "u" + mask(set) + "|" + mask(where)
+		sd, err := w.prepared(ctx, t, key, func() string {
+			if len(set) == 0 {
+				return "SELECT 1 FROM " + t.table.Quoted() + " WHERE " + whereOnly(t, where)
+			}
+			return t.updateSQL(set, where)
+		})
+		if err != nil {
+			return stmt{}, err
+		}
+		s := stmt{sd: sd, rows: 1}
+		s.params, s.formats = params(pick(c.New, set), pick(keyVals, where))
+		return s, nil
+	case change.Delete:
+		where, err := whereColumns(t, c, c.Old)
+		if err != nil {
+			return stmt{}, err
+		}
+		key := "d" + mask(where)
+		sd, err := w.prepared(ctx, t, key, func() string { return t.deleteSQL(where) })
+		if err != nil {
+			return stmt{}, err
+		}
+		s := stmt{sd: sd, rows: 1}
+		s.params, s.formats = params(pick(c.Old, where), nil)
+		return s, nil
+	}
+	return stmt{}, fmt.Errorf("%w: change of kind %v", ErrProtocol, c.Op)
+}
+
+func whereOnly(t *target, where []int) string {
+	var b strings.Builder
+	t.writeWhere(&b, where, 0)
+	return b.String()
+}
+
+// whereColumns picks the identity columns that locate the row: all key
+// columns for a key identity; for FULL, every old value that was sent.
+func whereColumns(t *target, c *change.Change, vals []change.Value) ([]int, error) {
+	if vals == nil {
+		return nil, fmt.Errorf("%w: %s on %s carries no row identity", ErrProtocol, c.Op, c.Rel)
+	}
+	var where []int
+	for _, k := range t.keys {
+		switch vals[k].Kind {
+		case change.Unchanged:
+			if !t.full {
+				return nil, fmt.Errorf("%w: %s on %s has an unchanged-TOAST key column %s",
+					ErrProtocol, c.Op, c.Rel, c.Rel.Columns[k].Name)
+			}
+		case change.Null:
+			if !t.full {
+				return nil, fmt.Errorf("%w: %s on %s has a NULL key column %s",
+					ErrProtocol, c.Op, c.Rel, c.Rel.Columns[k].Name)
+			}
+			where = append(where, k)
+		default:
+			where = append(where, k)
+		}
+	}
+	if len(where) == 0 {
+		return nil, fmt.Errorf("%w: %s on %s carries no usable identity value", ErrProtocol, c.Op, c.Rel)
+	}
+	return where, nil
+}
+
+func mask(cols []int) string {
+	b := make([]byte, 0, 2*len(cols))
+	for _, c := range cols {
+		b = strconv.AppendInt(b, int64(c), 36)
+		b = append(b, ',')
+	}
+	return string(b)
+}
+
+func pick(vals []change.Value, cols []int) []change.Value {
+	out := make([]change.Value, len(cols))
+	for i, c := range cols {
+		out[i] = vals[c]
+	}
+	return out
+}
+
+// params renders values as statement parameters: text values in text
+// format (the server parses them with the column's type), binary ones in
+// binary format, NULL as a nil parameter.
+func params(a, b []change.Value) ([][]byte, []int16) {
+	ps := make([][]byte, 0, len(a)+len(b))
+	var formats []int16
+	for _, vals := range [2][]change.Value{a, b} {
+		for _, v := range vals {
+			if v.Kind == change.Binary && formats == nil {
+				formats = make([]int16, len(ps), cap(ps))
+			}
+			if formats != nil {
+				f := int16(0)
+				if v.Kind == change.Binary {
+					f = 1
+				}
+				formats = append(formats, f)
+			}
+			if v.Kind == change.Null {
+				ps = append(ps, nil)
+			} else {
+				ps = append(ps, v.Data)
+			}
+		}
+	}
+	return ps, formats
+}

@@ -1,0 +1,528 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+// publisher is what capture needs from the transport.
+type publisher interface {
+	// Resume starts a publishing session. It returns the last batch the
+	// stream holds from this publisher (nil when there is none), so capture
+	// knows what was already published, and arms the publisher so that the
+	// next batch can only be stored directly after that one.
+	Resume(ctx context.Context) (*change.Batch, error)
+	// Publish sends b without waiting for its acknowledgement; it blocks
+	// while too many publishes are in flight. The channel yields exactly one
+	// value: nil once the stream has stored b, or the error. Batches are
+	// stored in the order they were published, with no gaps: once one fails,
+	// every later one fails too, and the caller must Resume.
+	Publish(ctx context.Context, b *change.Batch) (<-chan error, error)
+}
+
+// CaptureConfig configures the capture of one primary site.
+type CaptureConfig struct {
+	Cluster string
+	Site    string // the origin recorded in every batch
+	Epoch   uint64 // the fencing token recorded in every batch
+	DSN     string // the site's PostgreSQL (a normal connection string)
+	Tables  []Table
+	// MaxBatchBytes bounds one published message (approximately: the sum
+	// of the values plus a small per-change overhead).
+	MaxBatchBytes int
+	// FlushInterval is how long committed transactions may wait to share a
+	// message with later ones.
+	FlushInterval time.Duration
+	// StatusInterval is the cadence of standby status updates to PostgreSQL.
+	StatusInterval time.Duration
+	// MaxInFlight bounds unacknowledged publishes.
+	MaxInFlight int
+}
+
+func (c *CaptureConfig) withDefaults() CaptureConfig {
+	out := *c
+	if out.MaxBatchBytes <= 0 {
+		out.MaxBatchBytes = 1 << 20
+	}
+	if out.FlushInterval <= 0 {
+		out.FlushInterval = 5 * time.Millisecond
+	}
+	if out.StatusInterval <= 0 {
+		out.StatusInterval = time.Second
+	}
+	if out.MaxInFlight <= 0 {
+		out.MaxInFlight = 256
+	}
+	return out
+}
+
+// Capture streams the changes of a primary site's PostgreSQL into the
+// change stream. Run it only while this site is the primary of Epoch.
+type Capture struct {
+	cfg    CaptureConfig
+	pub    publisher
+	log    *slog.Logger
+	status StatusFunc
+}
+
+// StatusFunc receives a pipeline's state changes ("streaming", "paused", …)
+// with the error that caused a pause; it must not block.
+type StatusFunc func(state string, err error)
+
+// NewCapture returns a capture; nothing runs until Run.
+func NewCapture(cfg CaptureConfig, pub publisher, log *slog.Logger, status StatusFunc) *Capture {
+	if status == nil {
+		status = func(string, error) {}
+	}
+	return &Capture{cfg: cfg.withDefaults(), pub: pub, log: log.With("component", "capture"), status: status}
+}
+
+// Run captures until ctx ends (it then returns ctx.Err()) or a problem that
+// a retry cannot fix: a lost slot or a table that cannot be replicated.
+// Connection failures and refused publishes restart the session from the
+// slot's confirmed position after a backoff.
+func (c *Capture) Run(ctx context.Context) error {
+	backoff := newBackoff(500*time.Millisecond, 15*time.Second)
+	for {
+		err := c.session(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		var perm *PermanentError
+		if errors.As(err, &perm) {
+			c.status(StatePaused, err)
+			c.log.Error("capture stopped", "err", err)
+			return err
+		}
+		c.status(StateReconnecting, err)
+		wait := backoff.next()
+		c.log.Warn("capture session ended; restarting", "err", err, "retry_in", wait)
+		if err := sleep(ctx, wait); err != nil {
+			return err
+		}
+	}
+}
+
+// session runs one replication connection from the slot's confirmed
+// position. It always returns an error; ctx.Err() when it was stopped.
+func (c *Capture) session(ctx context.Context) error {
+	meta, err := connectMeta(ctx, c.cfg.DSN)
+	if err != nil {
+		return err
+	}
+	defer meta.Close(context.WithoutCancel(ctx))
+
+	if err := preflightSource(ctx, meta, c.cfg); err != nil {
+		return err
+	}
+	last, err := c.pub.Resume(ctx)
+	if err != nil {
+		return fmt.Errorf("read the end of the change stream: %w", err)
+	}
+	published := publishedUpTo(last, c.cfg.Site, c.cfg.Epoch)
+	slot, err := c.ensureSlot(ctx, meta, last, published)
+	if err != nil {
+		return err
+	}
+
+	repl, err := connectReplication(ctx, c.cfg.DSN)
+	if err != nil {
+		return err
+	}
+	defer repl.Close(context.WithoutCancel(ctx))
+	args := []string{"proto_version '1'", fmt.Sprintf("publication_names '%s'", PublicationName(c.cfg.Cluster))}
+	if err := pglogrepl.StartReplication(ctx, repl, SlotName(c.cfg.Cluster), 0,
+		pglogrepl.StartReplicationOptions{PluginArgs: args}); err != nil {
+		return fmt.Errorf("start replication from slot %s: %w", SlotName(c.cfg.Cluster), err)
+	}
+	c.log.Info("capture streaming", "slot", SlotName(c.cfg.Cluster), "confirmed_lsn", slot.confirmed,
+		"published_lsn", published, "epoch", c.cfg.Epoch)
+	c.status(StateStreaming, nil)
+
+	s := &captureSession{
+		Capture:   c,
+		repl:      repl,
+		dec:       newDecoder(typeNames{meta}),
+		confirmed: slot.confirmed,
+		published: published,
+	}
+	return s.loop(ctx)
+}
+
+type slotState struct {
+	confirmed change.LSN
+}
+
+// ensureSlot checks the slot, or creates it on the very first start. A slot
+// that vanished after changes were published is never recreated: the changes
+// between its last confirmed position and now would be lost without a trace.
+func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.Batch, published change.LSN) (slotState, error) {
+	name := SlotName(c.cfg.Cluster)
+	var (
+		plugin    string
+		walStatus *string
+		confirmed *string
+	)
+	err := meta.QueryRow(ctx, `SELECT plugin, wal_status, confirmed_flush_lsn::text
+		FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`, name).
+		Scan(&plugin, &walStatus, &confirmed)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		if last != nil && last.Origin == c.cfg.Site && last.Epoch == c.cfg.Epoch {
+			return slotState{}, permanent(fmt.Errorf("replication slot %s is missing on site %s, but the change stream "+
+				"already holds epoch %d up to %s: the changes committed since the slot's last confirmed position "+
+				"cannot be recovered", name, c.cfg.Site, c.cfg.Epoch, published),
+				"do not recreate the slot by hand; re-seed every replica with `xdcr sync SITE` (or promote another site), then restart this agent")
+		}
+		var lsn string
+		if err := meta.QueryRow(ctx, `SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')`, name).Scan(&lsn); err != nil {
+			return slotState{}, fmt.Errorf("create replication slot %s: %w", name, err)
+		}
+		at, err := change.ParseLSN(lsn)
+		if err != nil {
+			return slotState{}, err
+		}
+		c.log.Info("created replication slot", "slot", name, "lsn", at)
+		// Mark the start of this epoch's history in the stream, so that a
+		// slot that disappears later is recognised as lost.
+		done, err := c.pub.Publish(ctx, &change.Batch{Origin: c.cfg.Site, Epoch: c.cfg.Epoch,
+			Heartbeat: &change.Heartbeat{WALEnd: at, LastLSN: published, Time: time.Now().UTC()}})
+		if err == nil {
+			err = waitAck(ctx, done)
+		}
+		if err != nil {
+			return slotState{}, fmt.Errorf("publish the start of epoch %d: %w", c.cfg.Epoch, err)
+		}
+		if _, err := c.pub.Resume(ctx); err != nil {
+			return slotState{}, fmt.Errorf("read the end of the change stream: %w", err)
+		}
+		return slotState{confirmed: at}, nil
+	case err != nil:
+		return slotState{}, fmt.Errorf("read replication slot %s: %w", name, err)
+	}
+	if plugin != "pgoutput" {
+		return slotState{}, permanent(fmt.Errorf("replication slot %s uses plugin %q, not pgoutput", name, plugin),
+			"the slot name is reserved for xdcr: drop that slot (SELECT pg_drop_replication_slot('"+name+"')) and restart")
+	}
+	if walStatus != nil && *walStatus == "lost" {
+		return slotState{}, permanent(fmt.Errorf("replication slot %s on site %s was invalidated (wal_status lost): "+
+			"PostgreSQL removed WAL that the change stream still needed", name, c.cfg.Site),
+			"re-seed every replica with `xdcr sync SITE`; raise max_slot_wal_keep_size so it does not happen again")
+	}
+	var st slotState
+	if confirmed != nil {
+		if st.confirmed, err = change.ParseLSN(*confirmed); err != nil {
+			return slotState{}, err
+		}
+	}
+	return st, nil
+}
+
+// publishedUpTo is the commit LSN of the last whole transaction the stream
+// holds for this origin and epoch, read from the last batch in the stream.
+func publishedUpTo(last *change.Batch, origin string, epoch uint64) change.LSN {
+	if last == nil || last.Origin != origin || last.Epoch != epoch {
+		return 0
+	}
+	switch {
+	case last.Heartbeat != nil:
+		return last.Heartbeat.LastLSN
+	case last.Chunk != nil && !last.Chunk.Final:
+		// A transaction was cut short: it will be published again, whole.
+		return last.Txns[0].PrevLSN
+	default:
+		return last.LastLSN()
+	}
+}
+
+// captureSession is the state of one replication connection.
+type captureSession struct {
+	*Capture
+	repl *pgconn.PgConn
+	dec  *decoder
+
+	confirmed change.LSN // what the slot may advance to: everything up to it is stored in the stream
+	seenEnd   change.LSN // end of the last commit (or keepalive position) processed
+	published change.LSN // commit LSN of the last transaction handed to the publisher
+
+	// the run of whole transactions waiting to be published
+	run      []change.Txn
+	runBytes int
+	runStart time.Time
+	runEnd   change.LSN // end LSN of the run's last transaction
+
+	// the transaction being decoded
+	cur       *change.Txn
+	curBytes  int
+	curChunks uint32 // chunks of cur already published
+	skip      bool   // cur is already in the stream
+
+	inflight []inflight
+}
+
+type inflight struct {
+	done    <-chan error
+	confirm change.LSN // slot position this batch completes, 0 for a partial chunk
+}
+
+func (s *captureSession) loop(ctx context.Context) error {
+	nextStatus := time.Now().Add(s.cfg.StatusInterval)
+	for {
+		if err := s.reapAcks(ctx, false); err != nil {
+			return err
+		}
+		now := time.Now()
+		if len(s.run) > 0 && now.Sub(s.runStart) >= s.cfg.FlushInterval {
+			if err := s.flushRun(ctx); err != nil {
+				return err
+			}
+		}
+		if !now.Before(nextStatus) {
+			if err := s.sendStatus(ctx, false); err != nil {
+				return err
+			}
+			nextStatus = now.Add(s.cfg.StatusInterval)
+		}
+		deadline := nextStatus
+		if len(s.run) > 0 {
+			if t := s.runStart.Add(s.cfg.FlushInterval); t.Before(deadline) {
+				deadline = t
+			}
+		}
+		if len(s.inflight) > 0 {
+			// come back soon to collect acknowledgements
+			if t := now.Add(5 * time.Millisecond); t.Before(deadline) {
+				deadline = t
+			}
+		}
+		rctx, cancel := context.WithDeadline(ctx, deadline)
+		raw, err := s.repl.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if pgconn.Timeout(err) {
+				continue
+			}
+			return fmt.Errorf("receive from replication slot: %w", err)
+		}
+		switch m := raw.(type) {
+		case *pgproto3.CopyData:
+			if err := s.handleCopyData(ctx, m.Data); err != nil {
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("replication stream: %w", pgconn.ErrorResponseToPgError(m))
+		}
+	}
+}
+
+func (s *captureSession) handleCopyData(ctx context.Context, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrProtocol, err)
+		}
+		if s.cur == nil {
+			s.seenEnd = max(s.seenEnd, change.LSN(ka.ServerWALEnd))
+		}
+		if ka.ReplyRequested {
+			return s.sendStatus(ctx, false)
+		}
+		return nil
+	case pglogrepl.XLogDataByteID:
+		xld, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrProtocol, err)
+		}
+		ev, err := s.dec.decode(ctx, xld.WALData)
+		if err != nil {
+			return err
+		}
+		return s.handle(ctx, ev)
+	}
+	return nil
+}
+
+func (s *captureSession) handle(ctx context.Context, ev event) error {
+	switch ev.kind {
+	case evBegin:
+		txn := ev.begin
+		txn.PrevLSN = s.published
+		s.cur, s.curBytes, s.curChunks = &txn, 0, 0
+		s.skip = txn.LSN <= s.published
+	case evChange:
+		if s.skip {
+			return nil
+		}
+		s.cur.Changes = append(s.cur.Changes, ev.change)
+		s.curBytes += changeSize(&ev.change)
+		if s.curBytes >= s.cfg.MaxBatchBytes {
+			return s.publishChunk(ctx, false, 0)
+		}
+	case evCommit:
+		s.seenEnd = max(s.seenEnd, ev.commit.endLSN)
+		if s.curChunks > 0 && !s.skip {
+			err := s.publishChunk(ctx, true, ev.commit.endLSN)
+			s.cur = nil
+			return err
+		}
+		txn := s.cur
+		s.cur = nil
+		switch {
+		case s.skip:
+		case len(txn.Changes) == 0:
+			// nothing of ours changed; the slot may pass it once idle
+		default:
+			if len(s.run) > 0 && s.runBytes+s.curBytes > s.cfg.MaxBatchBytes {
+				if err := s.flushRun(ctx); err != nil {
+					return err
+				}
+			}
+			if len(s.run) == 0 {
+				s.runStart = time.Now()
+			}
+			s.run = append(s.run, *txn)
+			s.runBytes += s.curBytes
+			s.runEnd = ev.commit.endLSN
+			s.published = txn.LSN
+			if s.runBytes >= s.cfg.MaxBatchBytes {
+				return s.flushRun(ctx)
+			}
+		}
+	}
+	return nil
+}
+
+// publishChunk publishes the changes of cur gathered so far as its next
+// chunk. Whole transactions waiting in the run go first, to keep order.
+func (s *captureSession) publishChunk(ctx context.Context, final bool, endLSN change.LSN) error {
+	if err := s.flushRun(ctx); err != nil {
+		return err
+	}
+	b := &change.Batch{
+		Origin: s.cfg.Site,
+		Epoch:  s.cfg.Epoch,
+		Txns:   []change.Txn{*s.cur},
+		Chunk:  &change.Chunk{Index: s.curChunks, Final: final},
+	}
+	s.cur.Changes, s.curBytes = nil, 0
+	s.curChunks++
+	var confirm change.LSN
+	if final {
+		confirm = endLSN
+		s.published = s.cur.LSN
+	}
+	return s.publish(ctx, b, confirm)
+}
+
+func (s *captureSession) flushRun(ctx context.Context) error {
+	if len(s.run) == 0 {
+		return nil
+	}
+	b := &change.Batch{Origin: s.cfg.Site, Epoch: s.cfg.Epoch, Txns: s.run}
+	confirm := s.runEnd
+	s.run, s.runBytes = nil, 0
+	return s.publish(ctx, b, confirm)
+}
+
+func (s *captureSession) publish(ctx context.Context, b *change.Batch, confirm change.LSN) error {
+	for len(s.inflight) >= s.cfg.MaxInFlight {
+		if err := s.reapAcks(ctx, true); err != nil {
+			return err
+		}
+	}
+	done, err := s.pub.Publish(ctx, b)
+	if err != nil {
+		return fmt.Errorf("publish transactions up to %s: %w", b.LastLSN(), err)
+	}
+	s.inflight = append(s.inflight, inflight{done: done, confirm: confirm})
+	return nil
+}
+
+// reapAcks collects acknowledgements in publish order and advances the
+// position the slot may be confirmed to. With block set it waits for at
+// least the oldest one.
+func (s *captureSession) reapAcks(ctx context.Context, block bool) error {
+	for len(s.inflight) > 0 {
+		head := s.inflight[0]
+		var err error
+		if block {
+			select {
+			case err = <-head.done:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			block = false
+		} else {
+			select {
+			case err = <-head.done:
+			default:
+				return s.idleConfirm()
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("publish to the change stream: %w", err)
+		}
+		s.confirmed = max(s.confirmed, head.confirm)
+		s.inflight[0] = inflight{}
+		s.inflight = s.inflight[1:]
+	}
+	return s.idleConfirm()
+}
+
+// idleConfirm lets the slot pass transactions that had nothing to publish,
+// but only while nothing is buffered or in flight.
+func (s *captureSession) idleConfirm() error {
+	if len(s.inflight) == 0 && len(s.run) == 0 && s.cur == nil {
+		s.confirmed = max(s.confirmed, s.seenEnd)
+	}
+	return nil
+}
+
+func (s *captureSession) sendStatus(ctx context.Context, reply bool) error {
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: pglogrepl.LSN(s.confirmed),
+		ReplyRequested:   reply,
+	})
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	return nil
+}
+
+// changeSize approximates the encoded size of a change.
+func changeSize(c *change.Change) int {
+	n := 8
+	for _, v := range c.Old {
+		n += 5 + len(v.Data)
+	}
+	for _, v := range c.New {
+		n += 5 + len(v.Data)
+	}
+	return n + 4*len(c.Truncated)
+}
+
+func waitAck(ctx context.Context, done <-chan error) error {
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

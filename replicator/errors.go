@@ -1,0 +1,107 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+)
+
+// Pipeline states, as reported through [StatusFunc] and shown by `xdcr lag`.
+const (
+	StateStarting     = "starting"
+	StateStreaming    = "streaming"
+	StateReconnecting = "reconnecting"
+	StatePaused       = "paused"
+)
+
+// PermanentError is a problem that retrying cannot fix: the operator has to
+// act. Fix says how.
+type PermanentError struct {
+	Err error
+	Fix string
+}
+
+func (e *PermanentError) Error() string {
+	if e.Fix == "" {
+		return e.Err.Error()
+	}
+	return e.Err.Error() + "; fix: " + e.Fix
+}
+
+func (e *PermanentError) Unwrap() error { return e.Err }
+
+func permanent(err error, fix string) error { return &PermanentError{Err: err, Fix: fix} }
+
+// SchemaError says a replica's table does not match the source's: the table
+// or a column is missing, or a column has another type. Apply pauses on it
+// until the schema is fixed.
+type SchemaError struct {
+	Table   string // schema.table
+	Column  string // empty when the whole table is missing
+	Problem string
+	Fix     string
+}
+
+func (e *SchemaError) Error() string {
+	s := "table " + e.Table
+	if e.Column != "" {
+		s += " column " + e.Column
+	}
+	return s + ": " + e.Problem + "; fix: " + e.Fix
+}
+
+// GapError says the stream skipped a transaction: the batch at Seq names a
+// predecessor that the replica never applied.
+type GapError struct {
+	Stream  string
+	Seq     uint64
+	Applied string // the replica's position
+	Prev    string // the predecessor the batch names
+}
+
+func (e *GapError) Error() string {
+	return fmt.Sprintf("stream %s seq %d: transaction follows %s but the replica has applied up to %s: "+
+		"a transaction is missing from the stream", e.Stream, e.Seq, e.Prev, e.Applied)
+}
+
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
+
+func (b *backoff) next() time.Duration {
+	switch {
+	case b.cur == 0:
+		b.cur = b.min
+	case b.cur < b.max:
+		b.cur = min(2*b.cur, b.max)
+	}
+	// ±20% jitter so that agents restarted together do not retry in step
+	return time.Duration(float64(b.cur) * (0.8 + 0.4*rand.Float64()))
+}
+
+func (b *backoff) reset() { b.cur = 0 }
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// isPermanent reports whether err needs an operator rather than a retry.
+func isPermanent(err error) bool {
+	var (
+		perm   *PermanentError
+		schema *SchemaError
+		gap    *GapError
+	)
+	return errors.As(err, &perm) || errors.As(err, &schema) || errors.As(err, &gap)
+}

@@ -1,0 +1,123 @@
+package replicator
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+// applySchema is the replica-side bookkeeping: one row per cluster holding
+// the applied position, and the function that moves it. The function fails
+// the surrounding transaction when the row is not where the caller thinks,
+// so two agents applying to one site can never both commit the same change.
+const applySchema = `
+CREATE SCHEMA IF NOT EXISTS xdcr;
+CREATE TABLE IF NOT EXISTS xdcr.apply_position (
+	cluster     text PRIMARY KEY,
+	origin      text        NOT NULL,
+	epoch       bigint      NOT NULL,
+	lsn         pg_lsn      NOT NULL,
+	commit_time timestamptz,
+	stream      text        NOT NULL,
+	stream_seq  bigint      NOT NULL,
+	applied_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION xdcr.advance(
+	p_cluster text, p_old_epoch bigint, p_old_lsn pg_lsn, p_old_seq bigint,
+	p_origin text, p_epoch bigint, p_lsn pg_lsn, p_commit_time timestamptz,
+	p_stream text, p_seq bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+	UPDATE xdcr.apply_position
+	   SET origin = p_origin, epoch = p_epoch, lsn = p_lsn, commit_time = p_commit_time,
+	       stream = p_stream, stream_seq = p_seq, applied_at = clock_timestamp()
+	 WHERE cluster = p_cluster AND epoch = p_old_epoch AND lsn = p_old_lsn AND stream_seq = p_old_seq;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'xdcr: applied position of cluster % is no longer epoch % lsn % seq %',
+			p_cluster, p_old_epoch, p_old_lsn, p_old_seq USING ERRCODE = 'XD001';
+	END IF;
+END
+$$;`
+
+// ensureApplySchema creates the bookkeeping objects if they are missing. It
+// takes an advisory lock so that agents starting together do not race on
+// CREATE.
+func ensureApplySchema(ctx context.Context, conn *pgx.Conn) error {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("create the xdcr schema: %w", err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('xdcr.apply_schema'))"); err != nil {
+		return fmt.Errorf("create the xdcr schema: %w", err)
+	}
+	if _, err := tx.Exec(ctx, applySchema); err != nil {
+		return permanent(fmt.Errorf("create the xdcr schema: %w", err),
+			"the agent's role needs CREATE on the database (or create schema xdcr and its objects as the owner)")
+	}
+	return tx.Commit(ctx)
+}
+
+// loadPosition reads the applied position, creating the row of a cluster
+// that never applied anything.
+func loadPosition(ctx context.Context, conn *pgx.Conn, cluster string) (AppliedPosition, error) {
+	if _, err := conn.Exec(ctx, `INSERT INTO xdcr.apply_position (cluster, origin, epoch, lsn, stream, stream_seq)
+		VALUES ($1, '', 0, '0/0', '', 0) ON CONFLICT (cluster) DO NOTHING`, cluster); err != nil {
+		return AppliedPosition{}, fmt.Errorf("read the applied position: %w", err)
+	}
+	return ReadPosition(ctx, conn, cluster)
+}
+
+// ReadPosition reads the applied position of cluster from a replica's
+// database; the zero position when it never applied anything.
+func ReadPosition(ctx context.Context, conn *pgx.Conn, cluster string) (AppliedPosition, error) {
+	var (
+		p   AppliedPosition
+		lsn string
+		ct  *time.Time
+	)
+	err := conn.QueryRow(ctx, `SELECT origin, epoch, lsn::text, commit_time, stream, stream_seq
+		FROM xdcr.apply_position WHERE cluster = $1`, cluster).
+		Scan(&p.Origin, &p.Epoch, &lsn, &ct, &p.Stream, &p.Seq)
+	if err == pgx.ErrNoRows {
+		return AppliedPosition{}, nil
+	}
+	if err != nil {
+		return AppliedPosition{}, fmt.Errorf("read the applied position: %w", err)
+	}
+	if p.LSN, err = change.ParseLSN(lsn); err != nil {
+		return AppliedPosition{}, err
+	}
+	if ct != nil {
+		p.CommitTime = ct.UTC()
+	}
+	return p, nil
+}
+
+// connectApply opens the connection that applies changes: replica session
+// role (triggers and foreign keys of the replica do not fire again for rows
+// the primary already checked), and the commit mode of the config.
+func connectApply(ctx context.Context, cfg ApplyConfig) (*pgx.Conn, error) {
+	pc, err := pgx.ParseConfig(cfg.DSN)
+	if err != nil {
+		return nil, permanent(fmt.Errorf("parse postgres connection string: %w", err), "correct the site's postgres setting")
+	}
+	setSessionParams(pc.RuntimeParams, "xdcr-apply")
+	if !cfg.SynchronousCommit {
+		pc.RuntimeParams["synchronous_commit"] = "off"
+	}
+	conn, err := pgx.ConnectConfig(ctx, pc)
+	if err != nil {
+		return nil, fmt.Errorf("connect to postgres %s:%d: %w", pc.Host, pc.Port, err)
+	}
+	if _, err := conn.Exec(ctx, "SET session_replication_role = replica"); err != nil {
+		conn.Close(context.WithoutCancel(ctx))
+		return nil, permanent(fmt.Errorf("set session_replication_role on replica site %s: %w", cfg.Site, err),
+			"the apply role must be a superuser or have GRANT SET ON PARAMETER session_replication_role")
+	}
+	return conn, nil
+}

@@ -1,0 +1,189 @@
+package transport
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/xdcr/xdcr/deploy/local"
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+// natsSites starts NATS-only local sites for a test.
+func natsSites(t *testing.T, n int) (*local.Sites, []jetstream.JetStream) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("starts NATS servers")
+	}
+	sites, err := local.StartSites(t.Context(), local.SitesConfig{Names: local.SiteNames(n), Dir: t.TempDir(), NoPostgres: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sites.Close() })
+	var js []jetstream.JetStream
+	for _, s := range sites.List {
+		nc, err := nats.Connect(s.NATS.URL())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		j, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(10*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		js = append(js, j)
+	}
+	return sites, js
+}
+
+func runBatch(origin string, lsns ...change.LSN) *change.Batch {
+	rel := &change.Relation{Schema: "public", Name: "t", Identity: change.IdentityDefault,
+		Columns: []change.Column{{Name: "id", Type: "integer", TypeOID: 23, Key: true}}}
+	b := &change.Batch{Origin: origin, Epoch: 1}
+	prev := change.LSN(0)
+	for _, l := range lsns {
+		b.Txns = append(b.Txns, change.Txn{Xid: uint32(l), LSN: l, PrevLSN: prev, CommitTime: time.Unix(1, 0).UTC(),
+			Changes: []change.Change{{Op: change.Insert, Rel: rel, New: []change.Value{{Kind: change.Text, Data: []byte("1")}}}}})
+		prev = l
+	}
+	return b
+}
+
+func wait(t *testing.T, done <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatal("no acknowledgement")
+		return nil
+	}
+}
+
+// TestStreamsPublishSubscribe: streams and mirrors are set up idempotently,
+// a batch published in dc-a arrives decoded through dc-b's mirror, and a
+// subscription resumes after a given sequence.
+func TestStreamsPublishSubscribe(t *testing.T) {
+	sites, js := natsSites(t, 3)
+	ctx := t.Context()
+	names := sites.Names()
+	settings := StreamSettings{MaxAge: time.Hour, DuplicateWindow: time.Minute}
+	for round := 0; round < 2; round++ { // the second round finds everything in place
+		for i, site := range names {
+			if err := EnsureStreams(ctx, js[i], "shop", site, names, settings); err != nil {
+				t.Fatalf("round %d, site %s: %v", round, site, err)
+			}
+		}
+	}
+	pub := NewPublisher(js[0], "shop", "dc-a")
+	if last, err := pub.Resume(ctx); err != nil || last != nil {
+		t.Fatalf("resume on an empty stream: %v, %v", last, err)
+	}
+	var acks []<-chan error
+	for i := range 5 {
+		done, err := pub.Publish(ctx, runBatch("dc-a", change.LSN(100*i+10), change.LSN(100*i+20)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		acks = append(acks, done)
+	}
+	for _, a := range acks {
+		if err := wait(t, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mirror, err := js[1].Stream(ctx, StreamName("shop", "dc-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		info, err := mirror.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State.LastSeq == 5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("dc-b's mirror holds %d of 5 messages", info.State.LastSeq)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	sub := NewSubscriber(js[1])
+	msgs, stop, err := sub.Subscribe(ctx, StreamName("shop", "dc-a"), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	for want := uint64(3); want <= 5; want++ {
+		select {
+		case d := <-msgs:
+			if d.Err != nil || d.Seq != want || d.Batch.FirstLSN() != change.LSN(100*(want-1)+10) {
+				t.Fatalf("got seq %d err %v first %s, want seq %d", d.Seq, d.Err, d.Batch.FirstLSN(), want)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("seq %d never arrived through dc-b's mirror", want)
+		}
+	}
+	if _, _, err := sub.Subscribe(ctx, StreamName("shop", "dc-a"), 99); !errors.Is(err, ErrStreamBehind) {
+		t.Fatalf("subscribe past the end: got %v, want ErrStreamBehind", err)
+	}
+}
+
+// TestPublisherRefusesGaps: once the stream holds something the publisher
+// did not expect (here a foreign message), its publishes are refused until
+// Resume, which skips the foreign message and finds the last batch.
+func TestPublisherRefusesGaps(t *testing.T) {
+	sites, js := natsSites(t, 2)
+	ctx := t.Context()
+	for i, site := range sites.Names() {
+		if err := EnsureStreams(ctx, js[i], "shop", site, sites.Names(), StreamSettings{DuplicateWindow: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pub := NewPublisher(js[0], "shop", "dc-a")
+	if _, err := pub.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	done, err := pub.Publish(ctx, runBatch("dc-a", 10))
+	if err != nil || wait(t, done) != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	if _, err := js[0].Publish(ctx, Subject("shop", "dc-a"), []byte("junk")); err != nil {
+		t.Fatal(err)
+	}
+	done, err = pub.Publish(ctx, runBatch("dc-a", 20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := wait(t, done); err == nil {
+		t.Fatal("a publish after a foreign message was stored; want it refused (wrong last sequence)")
+	}
+	last, err := pub.Resume(ctx)
+	if err != nil || last == nil || last.LastLSN() != 10 {
+		t.Fatalf("resume: got %v, %v; want the batch ending at LSN 10", last, err)
+	}
+	done, err = pub.Publish(ctx, runBatch("dc-a", 20))
+	if err != nil || wait(t, done) != nil {
+		t.Fatalf("publish after resume: %v", err)
+	}
+	// a chunk published again after a restart is not dropped as a duplicate
+	chunk := func() *change.Batch {
+		b := runBatch("dc-a", 30)
+		b.Txns[0].PrevLSN = 20
+		b.Chunk = &change.Chunk{Index: 0}
+		return b
+	}
+	for range 2 {
+		if _, err := pub.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		done, err := pub.Publish(ctx, chunk())
+		if err != nil || wait(t, done) != nil {
+			t.Fatalf("publish chunk: %v", err)
+		}
+	}
+}

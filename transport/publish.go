@@ -1,0 +1,122 @@
+package transport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+// Publisher publishes one origin's batches to its change stream. Every
+// publish names the stream sequence it must follow, so the stream holds an
+// exact, gap-free run of batches: if one publish is lost, every later one
+// is refused until [Publisher.Resume] re-reads the stream.
+//
+// A Publisher is used by one goroutine at a time.
+type Publisher struct {
+	js      jetstream.JetStream
+	cluster string
+	origin  string
+	stream  string
+	subject string
+	expect  uint64 // stream sequence the next publish must follow
+}
+
+// NewPublisher returns a publisher for site origin of cluster. js should be
+// made with [jetstream.WithPublishAsyncMaxPending] at least as large as the
+// caller's window and a [jetstream.WithPublishAsyncTimeout].
+func NewPublisher(js jetstream.JetStream, cluster, origin string) *Publisher {
+	return &Publisher{
+		js:      js,
+		cluster: cluster,
+		origin:  origin,
+		stream:  StreamName(cluster, origin),
+		subject: Subject(cluster, origin),
+	}
+}
+
+// resumeScan bounds how far back Resume looks past messages it cannot read
+// (junk published on the subject by someone else).
+const resumeScan = 1000
+
+// Resume reads the end of the stream: it returns the last batch the stream
+// holds on the origin's subject (nil when it holds none) and makes the next
+// publish follow the stream's last message.
+func (p *Publisher) Resume(ctx context.Context) (*change.Batch, error) {
+	st, err := p.js.Stream(ctx, p.stream)
+	if err != nil {
+		return nil, fmt.Errorf("look up stream %s: %w", p.stream, err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read stream %s: %w", p.stream, err)
+	}
+	p.expect = info.State.LastSeq
+	for seq, n := info.State.LastSeq, 0; seq >= info.State.FirstSeq && seq > 0 && n < resumeScan; seq, n = seq-1, n+1 {
+		raw, err := st.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read stream %s seq %d: %w", p.stream, seq, err)
+		}
+		if raw.Subject != p.subject {
+			continue
+		}
+		b, err := Decode(raw.Data)
+		if err != nil {
+			continue // not ours; apply agents report it
+		}
+		return b, nil
+	}
+	return nil, nil
+}
+
+// Publish sends b without waiting for the acknowledgement. The returned
+// channel yields nil once the stream stored b, or the error.
+func (p *Publisher) Publish(ctx context.Context, b *change.Batch) (<-chan error, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	data, err := Encode(nil, b)
+	if err != nil {
+		return nil, fmt.Errorf("encode batch: %w", err)
+	}
+	if max := p.js.Conn().MaxPayload(); int64(len(data)) > max {
+		return nil, fmt.Errorf("a message of %d bytes exceeds the NATS server's max_payload of %d bytes: "+
+			"raise max_payload (e.g. to 8MB) on every site's NATS server, or lower capture.max_batch_bytes", len(data), max)
+	}
+	id := MsgID(p.cluster, b)
+	if b.Chunk != nil {
+		// A transaction cut short by a restart is published again from its
+		// first chunk, after the chunks already stored: the repeat must not
+		// be dropped as a duplicate of them.
+		id += "@" + strconv.FormatUint(p.expect+1, 10)
+	}
+	msg := &nats.Msg{Subject: p.subject, Data: data}
+	fut, err := p.js.PublishMsgAsync(msg, jetstream.WithMsgID(id), jetstream.WithExpectLastSequence(p.expect))
+	if err != nil {
+		return nil, fmt.Errorf("publish to %s: %w", p.subject, err)
+	}
+	p.expect++
+	done := make(chan error, 1)
+	go func() {
+		select {
+		case ack := <-fut.Ok():
+			if ack.Duplicate {
+				// the stream already had it, so the sequence we expect next is off
+				done <- fmt.Errorf("stream %s already holds message %s", p.stream, id)
+				return
+			}
+			done <- nil
+		case err := <-fut.Err():
+			done <- fmt.Errorf("publish to stream %s: %w", p.stream, err)
+		}
+	}()
+	return done, nil
+}
