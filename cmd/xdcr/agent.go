@@ -1,0 +1,69 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/xdcr/xdcr/internal/agent"
+	"github.com/xdcr/xdcr/internal/config"
+)
+
+type agentOptions struct {
+	config  string
+	node    string
+	dataDir string
+}
+
+func newAgentCmd(g *globalOptions) *cobra.Command {
+	o := &agentOptions{}
+	cmd := &cobra.Command{
+		Use:   "agent --config FILE --node ID",
+		Short: "Run one node: capture in the primary site, apply in the others",
+		Long: `Run the xdcr agent of one node of the config's nodes.
+
+In the primary site the agent owns the logical replication slot
+xdcr_<cluster> and a publication of the configured tables, and publishes
+every committed transaction to the site's NATS JetStream. In every other
+site it applies the primary's transactions, mirrored into the site's own
+NATS, to the site's PostgreSQL, exactly once and in commit order.
+
+SIGTERM or SIGINT stops it cleanly: nothing half-applied is committed, and
+anything not yet confirmed is sent again after a restart.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			cfg, err := config.Load(o.config)
+			if err != nil {
+				return &exitError{exitUsage, err}
+			}
+			a, err := agent.New(cfg, o.node, log)
+			if err != nil {
+				return &exitError{exitUsage, err}
+			}
+			log.Info("agent starting", "version", version, "node", o.node, "cluster", cfg.Cluster)
+			if err := a.Run(cmd.Context()); err != nil {
+				return fmt.Errorf("agent %s: %w", o.node, err)
+			}
+			log.Info("agent stopped", "node", o.node)
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&o.config, "config", "c", "", "the cluster's config file (YAML)")
+	cmd.Flags().StringVar(&o.node, "node", "", "which of the config's nodes this agent is")
+	cmd.Flags().StringVar(&o.dataDir, "data-dir", "", "where the node keeps its state (Raft log and snapshots)")
+	mustRequire(cmd, "config", "node")
+	return cmd
+}
+
+func mustRequire(cmd *cobra.Command, flags ...string) {
+	for _, f := range flags {
+		if err := cmd.MarkFlagRequired(f); err != nil {
+			panic(errors.Join(fmt.Errorf("flag %s", f), err)) // a programming error in this file
+		}
+	}
+}
