@@ -97,7 +97,7 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 	t.say("200 transactions on %s, each opening an account and placing an order…", primary)
 	for i := 1; i <= 200; i++ {
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, `INSERT INTO accounts (id, email, balance) VALUES ($1, 'user' || $1 || '@example.com', 100)`, i); err != nil {
+			if _, err := tx.Exec(ctx, `INSERT INTO accounts (id, email, balance) VALUES ($1, $2, 100)`, i, fmt.Sprintf("user%d@example.com", i)); err != nil {
 				return err
 			}
 			_, err := tx.Exec(ctx, `INSERT INTO orders (account_id, amount, note) VALUES ($1, 10, 'welcome order')`, i)
@@ -162,7 +162,7 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 			}
 			t.say("  restarted it at transaction %d", i)
 		}
-		if err := exec(ctx, conn, `INSERT INTO accounts (id, email, balance) VALUES ($1, 'user' || $1 || '@example.com', 100)`, i); err != nil {
+		if err := exec(ctx, conn, `INSERT INTO accounts (id, email, balance) VALUES ($1, $2, 100)`, i, fmt.Sprintf("user%d@example.com", i)); err != nil {
 			return err
 		}
 	}
