@@ -300,18 +300,18 @@ func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 	for i := range b.Txns {
 		txn := &b.Txns[i]
 		skip, err := w.check(d, b, txn)
+		if err == nil && !skip {
+			err = w.queueTxn(ctx, d.Seq, txn)
+		}
 		if err != nil {
-			return err
-		}
-		if skip {
-			continue
-		}
-		if err := w.queueTxn(ctx, d.Seq, txn); err != nil {
 			// apply what came before the transaction that cannot be applied
 			if perr := w.commitPrefix(ctx); perr != nil {
 				return errors.Join(err, perr)
 			}
 			return err
+		}
+		if skip {
+			continue
 		}
 		w.mark = len(w.queued)
 		w.head = AppliedPosition{

@@ -63,7 +63,8 @@ type GapError struct {
 
 func (e *GapError) Error() string {
 	return fmt.Sprintf("stream %s seq %d: transaction follows %s but the replica has applied up to %s: "+
-		"a transaction is missing from the stream", e.Stream, e.Seq, e.Prev, e.Applied)
+		"a transaction is missing from the stream; fix: find out how the stream lost messages (`nats stream info %s`), "+
+		"then re-seed this site with `xdcr sync`", e.Stream, e.Seq, e.Prev, e.Applied, e.Stream)
 }
 
 type backoff struct {
