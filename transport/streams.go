@@ -62,19 +62,11 @@ func EnsureStreams(ctx context.Context, js jetstream.JetStream, cluster, local s
 		if site == local {
 			continue
 		}
-		name := StreamName(cluster, site)
-		mirror := jetstream.StreamConfig{
-			Name:        name,
-			Description: fmt.Sprintf("xdcr: mirror of site %s's change stream of cluster %s", site, cluster),
-			Mirror:      &jetstream.StreamSource{Name: name, Domain: site},
-			Storage:     jetstream.FileStorage,
-			Retention:   jetstream.LimitsPolicy,
-			Discard:     jetstream.DiscardNew,
-			MaxAge:      s.MaxAge,
-			MaxBytes:    orUnlimited(s.MaxBytes),
-			MaxMsgs:     -1,
-			DenyPurge:   true,
-		}
+		// a mirror has the origin's limits, but no subjects of its own
+		mirror := originConfig(cluster, site, s)
+		mirror.Description = fmt.Sprintf("xdcr: mirror of site %s's change stream of cluster %s", site, cluster)
+		mirror.Subjects, mirror.Duplicates = nil, 0
+		mirror.Mirror = &jetstream.StreamSource{Name: mirror.Name, Domain: site}
 		if err := ensure(ctx, js, mirror); err != nil {
 			return err
 		}
