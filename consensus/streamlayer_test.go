@@ -1,0 +1,167 @@
+package consensus
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"testing"
+	"time"
+)
+
+// testCA is a throwaway certificate authority.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+}
+
+func newTestCA(t *testing.T) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "xdcr test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &testCA{cert: cert, key: key, pool: pool}
+}
+
+// nodeTLS returns a node's TLS config: a certificate for 127.0.0.1 usable as
+// server and client, the CA as the only root both ways, client certificates
+// required (mutual TLS).
+func (ca *testCA) nodeTLS(t *testing.T, id string) *tls.Config {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: id},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}},
+		RootCAs:      ca.pool,
+		ClientCAs:    ca.pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		MinVersion:   tls.VersionTLS13,
+	}
+}
+
+// Two TLS nodes form a majority of three and replicate; the third speaks
+// plain TCP and never joins: it neither hears a leader nor gets the state.
+func TestTLSStreamLayer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits several heartbeats")
+	}
+	ca := newTestCA(t)
+	c := newCluster(t, 3, func(i int, cfg *Config) {
+		if i < 2 {
+			cfg.TLS = ca.nodeTLS(t, cfg.ID)
+		}
+	})
+	l := c.leader2(0, 1)
+	c.apply(l, bootstrapCmd(t))
+	c.apply(l, sourceCmd(t, 0x100))
+	want := c.consistent(l)
+	w := stateJSON(t, want)
+	eventually(t, "both TLS nodes converge", func() bool {
+		return stateJSON(t, c.nodes[0].LocalState()) == w && stateJSON(t, c.nodes[1].LocalState()) == w
+	})
+
+	time.Sleep(3 * testHeartbeat) // time for the plain node to have joined, were it able to
+	plain := c.nodes[2]
+	if id, _ := plain.Leader(); id != "" {
+		t.Errorf("the plain-TCP node knows leader %q", id)
+	}
+	if plain.LocalState().Bootstrapped() {
+		t.Error("the plain-TCP node got the state")
+	}
+	if s := plain.Stats(); s.LastContact != -1 || s.CommitIndex != 0 {
+		t.Errorf("the plain-TCP node's stats: %+v, want no contact and nothing committed", s)
+	}
+	if !c.nodes[l].IsLeader() {
+		t.Error("the plain-TCP node's elections unseated the leader")
+	}
+}
+
+// A TLS node with a certificate from another CA is refused too.
+func TestTLSRefusesForeignCA(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits several heartbeats")
+	}
+	ca, other := newTestCA(t), newTestCA(t)
+	c := newCluster(t, 3, func(i int, cfg *Config) {
+		if i < 2 {
+			cfg.TLS = ca.nodeTLS(t, cfg.ID)
+		} else {
+			cfg.TLS = other.nodeTLS(t, cfg.ID)
+		}
+	})
+	l := c.leader2(0, 1)
+	c.apply(l, bootstrapCmd(t))
+	time.Sleep(3 * testHeartbeat)
+	if id, _ := c.nodes[2].Leader(); id != "" || c.nodes[2].LocalState().Bootstrapped() {
+		t.Errorf("the node of another CA joined: leader %q, bootstrapped %v", id, c.nodes[2].LocalState().Bootstrapped())
+	}
+}
+
+// leader2 waits until node a or b is leader and the other knows it, and
+// returns its index (the third node may not know).
+func (c *cluster) leader2(a, b int) int {
+	c.t.Helper()
+	found := -1
+	eventually(c.t, "a leader among the TLS nodes", func() bool {
+		found = -1
+		for _, i := range []int{a, b} {
+			if c.nodes[i].IsLeader() {
+				found = i
+			}
+		}
+		if found < 0 {
+			return false
+		}
+		for _, i := range []int{a, b} {
+			if id, _ := c.nodes[i].Leader(); id != c.cfgs[found].ID {
+				return false
+			}
+		}
+		return true
+	})
+	return found
+}
