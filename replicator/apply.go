@@ -64,24 +64,19 @@ type AppliedPosition struct {
 // Apply applies the change stream to a replica site's PostgreSQL, exactly
 // once and in source commit order.
 type Apply struct {
-	cfg       ApplyConfig
-	sub       subscriber
-	log       *slog.Logger
-	status    StatusFunc
-	onApplied func(AppliedPosition)
+	cfg ApplyConfig
+	sub subscriber
+	log *slog.Logger
+	obs Observer
 }
 
-// NewApply returns an apply pipeline; nothing runs until Run. onApplied, if
-// not nil, is called after every target commit with the new position; it
-// must not block.
-func NewApply(cfg ApplyConfig, sub subscriber, log *slog.Logger, status StatusFunc, onApplied func(AppliedPosition)) *Apply {
-	if status == nil {
-		status = func(string, error) {}
+// NewApply returns an apply pipeline; nothing runs until Run. obs may be
+// nil.
+func NewApply(cfg ApplyConfig, sub subscriber, log *slog.Logger, obs Observer) *Apply {
+	if obs == nil {
+		obs = NopObserver{}
 	}
-	if onApplied == nil {
-		onApplied = func(AppliedPosition) {}
-	}
-	return &Apply{cfg: cfg.withDefaults(), sub: sub, log: log.With("component", "apply"), status: status, onApplied: onApplied}
+	return &Apply{cfg: cfg.withDefaults(), sub: sub, log: log.With("component", "apply"), obs: obs}
 }
 
 // Run applies until ctx ends, then returns ctx.Err(). Nothing is applied
@@ -93,7 +88,7 @@ func NewApply(cfg ApplyConfig, sub subscriber, log *slog.Logger, status StatusFu
 func (a *Apply) Run(ctx context.Context) error {
 	backoff := newBackoff(500*time.Millisecond, 30*time.Second)
 	for {
-		a.status(StateStarting, nil)
+		a.obs.State(StateStarting, nil)
 		progressed, err := a.session(ctx)
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -103,10 +98,10 @@ func (a *Apply) Run(ctx context.Context) error {
 		}
 		wait := backoff.next()
 		if isPermanent(err) {
-			a.status(StatePaused, err)
+			a.obs.State(StatePaused, err)
 			a.log.Error("apply paused", "err", err, "retry_in", wait)
 		} else {
-			a.status(StateReconnecting, err)
+			a.obs.State(StateReconnecting, err)
 			a.log.Warn("apply session ended; restarting", "err", err, "retry_in", wait)
 		}
 		if err := sleep(ctx, wait); err != nil {
@@ -147,19 +142,23 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 	}
 	defer stop()
 	a.log.Info("apply streaming", "stream", a.cfg.Stream, "after_seq", after, "position", pos.Position)
-	a.status(StateStreaming, nil)
+	a.obs.State(StateStreaming, nil)
 
 	w := &applier{
 		cfg:     a.cfg,
 		conn:    conn,
 		meta:    meta,
 		log:     a.log,
+		obs:     a.obs,
+		backlog: func() int { return len(msgs) },
 		pos:     pos,
 		head:    pos,
 		prefix:  pos,
+		upTo:    pos.LSN,
+		asOf:    pos.CommitTime,
 		targets: make(map[string]*target),
 	}
-	progressed := false
+	var progressed bool
 	for {
 		d, err := receive(ctx, msgs, stop, true)
 		if err != nil {
@@ -182,15 +181,11 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 			}
 		}
 		if w.chunk == nil {
-			committed, err := w.commitGroup(ctx)
-			if err != nil {
+			if _, err := w.commitGroup(ctx); err != nil {
 				return progressed, err
 			}
-			if committed {
-				progressed = true
-				a.onApplied(w.pos)
-			}
 		}
+		progressed = w.pos != pos
 	}
 }
 
@@ -225,10 +220,21 @@ func receive(ctx context.Context, msgs <-chan change.Delivery, stop func() error
 
 // applier builds target transactions from deliveries.
 type applier struct {
-	cfg  ApplyConfig
-	conn *pgx.Conn
-	meta *pgx.Conn
-	log  *slog.Logger
+	cfg     ApplyConfig
+	conn    *pgx.Conn
+	meta    *pgx.Conn
+	log     *slog.Logger
+	obs     Observer
+	backlog func() int // messages waiting to be read
+
+	// what has been applied, for reports
+	upTo    change.LSN
+	asOf    time.Time
+	origin  string // origin and epoch of the last batch or heartbeat read
+	epoch   uint64
+	hb      *change.Heartbeat // read while transactions before it are still queued
+	started time.Time         // when the group's first statement was queued
+	changes int               // changes queued in the group (or the open large transaction)
 
 	pos  AppliedPosition // committed in the replica
 	head AppliedPosition // after everything queued
@@ -280,7 +286,11 @@ func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 	}
 	b := d.Batch
 	w.rels = make(map[*change.Relation]*target)
-	if b.Heartbeat != nil || len(b.Txns) == 0 {
+	if b.Heartbeat != nil {
+		w.lastSeq = d.Seq
+		return w.heartbeat(ctx, d)
+	}
+	if len(b.Txns) == 0 {
 		w.lastSeq = d.Seq
 		return nil
 	}
@@ -409,6 +419,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 	if b.Chunk.Final {
 		w.chunk = nil
 		w.pos = w.head
+		w.committed(1)
 	}
 	return nil
 }
@@ -437,8 +448,80 @@ func (w *applier) commitGroup(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	w.pos = w.head
+	w.committed(w.txns)
 	w.txns, w.bytes = 0, 0
 	return true, nil
+}
+
+// committed reports a target commit of txns source transactions.
+func (w *applier) committed(txns int) {
+	w.upTo = w.pos.LSN
+	if w.pos.CommitTime.After(w.asOf) {
+		w.asOf = w.pos.CommitTime
+	}
+	if w.hb != nil {
+		w.absorb(w.hb)
+		w.hb = nil
+	}
+	w.report(txns, w.changes, time.Since(w.started))
+	w.changes = 0
+}
+
+// heartbeat takes in a heartbeat: the source had published nothing after
+// the transaction it names. Once everything before it is applied, the
+// replica is caught up as of the heartbeat's WAL position and time.
+func (w *applier) heartbeat(ctx context.Context, d *change.Delivery) error {
+	b, hb := d.Batch, d.Batch.Heartbeat
+	if b.Epoch < w.head.Epoch {
+		return nil // an older epoch's, dropped like its transactions
+	}
+	fresh := w.head.Origin == ""
+	if !fresh && (b.Origin != w.head.Origin || b.Epoch != w.head.Epoch) {
+		return nil // a new epoch begins; its transactions will say more
+	}
+	if hb.LastLSN != 0 && hb.LastLSN != w.head.LSN {
+		err := &GapError{Stream: w.cfg.Stream, Seq: d.Seq, Applied: w.head.Position.String(),
+			Prev: change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: hb.LastLSN}.String()}
+		if perr := w.commitPrefix(ctx); perr != nil {
+			return errors.Join(err, perr)
+		}
+		return err
+	}
+	w.origin, w.epoch = b.Origin, b.Epoch
+	if fresh {
+		w.head.Origin, w.head.Epoch = b.Origin, b.Epoch
+		w.prefix = w.head
+	}
+	if len(w.queued) > 0 || w.chunk != nil {
+		w.hb = hb
+		return nil
+	}
+	w.absorb(hb)
+	w.report(0, 0, 0)
+	return nil
+}
+
+func (w *applier) absorb(hb *change.Heartbeat) {
+	w.upTo = max(w.upTo, hb.WALEnd)
+	if hb.Time.After(w.asOf) {
+		w.asOf = hb.Time
+	}
+}
+
+func (w *applier) report(txns, changes int, d time.Duration) {
+	p := ApplyProgress{
+		Position:   w.pos,
+		UpTo:       max(w.upTo, w.pos.LSN),
+		AsOf:       w.asOf,
+		CatchingUp: w.backlog() > 0,
+		Txns:       txns,
+		Changes:    changes,
+		Duration:   d,
+	}
+	if p.Position.Origin == "" {
+		p.Position.Origin, p.Position.Epoch = w.origin, w.epoch
+	}
+	w.obs.Applied(p)
 }
 
 // advanceStmt moves the stored position from pos to head, and fails the
@@ -568,6 +651,10 @@ func permanentSQLState(code string) bool {
 
 // queueTxn turns a transaction's changes into statements.
 func (w *applier) queueTxn(ctx context.Context, seq uint64, txn *change.Txn) error {
+	if len(w.queued) == 0 {
+		w.started = time.Now()
+	}
+	w.changes += len(txn.Changes)
 	for i := range txn.Changes {
 		c := &txn.Changes[i]
 		s, err := w.statement(ctx, c)

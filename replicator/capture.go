@@ -47,6 +47,9 @@ type CaptureConfig struct {
 	StatusInterval time.Duration
 	// MaxInFlight bounds unacknowledged publishes.
 	MaxInFlight int
+	// HeartbeatInterval is how often an idle capture publishes a heartbeat,
+	// so replicas can tell "idle" from "stalled".
+	HeartbeatInterval time.Duration
 }
 
 func (c *CaptureConfig) withDefaults() CaptureConfig {
@@ -63,28 +66,27 @@ func (c *CaptureConfig) withDefaults() CaptureConfig {
 	if out.MaxInFlight <= 0 {
 		out.MaxInFlight = 256
 	}
+	if out.HeartbeatInterval <= 0 {
+		out.HeartbeatInterval = time.Second
+	}
 	return out
 }
 
 // Capture streams the changes of a primary site's PostgreSQL into the
 // change stream. Run it only while this site is the primary of Epoch.
 type Capture struct {
-	cfg    CaptureConfig
-	pub    publisher
-	log    *slog.Logger
-	status StatusFunc
+	cfg CaptureConfig
+	pub publisher
+	log *slog.Logger
+	obs Observer
 }
 
-// StatusFunc receives a pipeline's state changes ("streaming", "paused", …)
-// with the error that caused a pause; it must not block.
-type StatusFunc func(state string, err error)
-
-// NewCapture returns a capture; nothing runs until Run.
-func NewCapture(cfg CaptureConfig, pub publisher, log *slog.Logger, status StatusFunc) *Capture {
-	if status == nil {
-		status = func(string, error) {}
+// NewCapture returns a capture; nothing runs until Run. obs may be nil.
+func NewCapture(cfg CaptureConfig, pub publisher, log *slog.Logger, obs Observer) *Capture {
+	if obs == nil {
+		obs = NopObserver{}
 	}
-	return &Capture{cfg: cfg.withDefaults(), pub: pub, log: log.With("component", "capture"), status: status}
+	return &Capture{cfg: cfg.withDefaults(), pub: pub, log: log.With("component", "capture"), obs: obs}
 }
 
 // Run captures until ctx ends (it then returns ctx.Err()) or a problem that
@@ -100,11 +102,11 @@ func (c *Capture) Run(ctx context.Context) error {
 		}
 		var perm *PermanentError
 		if errors.As(err, &perm) {
-			c.status(StatePaused, err)
+			c.obs.State(StatePaused, err)
 			c.log.Error("capture stopped", "err", err)
 			return err
 		}
-		c.status(StateReconnecting, err)
+		c.obs.State(StateReconnecting, err)
 		wait := backoff.next()
 		c.log.Warn("capture session ended; restarting", "err", err, "retry_in", wait)
 		if err := sleep(ctx, wait); err != nil {
@@ -147,14 +149,19 @@ func (c *Capture) session(ctx context.Context) error {
 	}
 	c.log.Info("capture streaming", "slot", SlotName(c.cfg.Cluster), "confirmed_lsn", slot.confirmed,
 		"published_lsn", published, "epoch", c.cfg.Epoch)
-	c.status(StateStreaming, nil)
+	c.obs.State(StateStreaming, nil)
 
 	s := &captureSession{
 		Capture:   c,
 		repl:      repl,
+		meta:      meta,
 		dec:       newDecoder(typeNames{meta}),
 		confirmed: slot.confirmed,
 		published: published,
+		seenEnd:   slot.confirmed,
+	}
+	if last != nil && len(last.Txns) > 0 && publishedUpTo(last, c.cfg.Site, c.cfg.Epoch) == last.LastLSN() {
+		s.acked = last.Txns[len(last.Txns)-1]
 	}
 	return s.loop(ctx)
 }
@@ -179,9 +186,9 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		if last != nil && last.Origin == c.cfg.Site && last.Epoch == c.cfg.Epoch {
-			return slotState{}, permanent(fmt.Errorf("replication slot %s is missing on site %s, but the change stream "+
+			return slotState{}, permanent(fmt.Errorf("%w: replication slot %s is missing on site %s, but the change stream "+
 				"already holds epoch %d up to %s: the changes committed since the slot's last confirmed position "+
-				"cannot be recovered", name, c.cfg.Site, c.cfg.Epoch, published),
+				"cannot be recovered", ErrSlotLost, name, c.cfg.Site, c.cfg.Epoch, published),
 				"do not recreate the slot by hand; re-seed every replica with `xdcr sync SITE` (or promote another site), then restart this agent")
 		}
 		var lsn string
@@ -215,8 +222,8 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 			"the slot name is reserved for xdcr: drop that slot (SELECT pg_drop_replication_slot('"+name+"')) and restart")
 	}
 	if walStatus != nil && *walStatus == "lost" {
-		return slotState{}, permanent(fmt.Errorf("replication slot %s on site %s was invalidated (wal_status lost): "+
-			"PostgreSQL removed WAL that the change stream still needed", name, c.cfg.Site),
+		return slotState{}, permanent(fmt.Errorf("%w: replication slot %s on site %s was invalidated (wal_status lost): "+
+			"PostgreSQL removed WAL that the change stream still needed", ErrSlotLost, name, c.cfg.Site),
 			"re-seed every replica with `xdcr sync SITE`; raise max_slot_wal_keep_size so it does not happen again")
 	}
 	var st slotState
@@ -249,6 +256,7 @@ func publishedUpTo(last *change.Batch, origin string, epoch uint64) change.LSN {
 type captureSession struct {
 	*Capture
 	repl *pgconn.PgConn
+	meta *pgx.Conn
 	dec  *decoder
 
 	confirmed change.LSN // what the slot may advance to: everything up to it is stored in the stream
@@ -267,23 +275,35 @@ type captureSession struct {
 	curChunks uint32 // chunks of cur already published
 	skip      bool   // cur is already in the stream
 
-	inflight []inflight
+	inflight    []inflight
+	acked       change.Txn // header of the last transaction the stream acknowledged
+	lastPublish time.Time  // when anything was last handed to the publisher
 }
 
 type inflight struct {
 	done    <-chan error
 	confirm change.LSN // slot position this batch completes, 0 for a partial chunk
+	last    change.Txn // header of the batch's last complete transaction (zero if none)
+	txns    int        // complete transactions in the batch
+	changes int
 }
 
 func (s *captureSession) loop(ctx context.Context) error {
-	nextStatus := time.Now().Add(s.cfg.StatusInterval)
+	now := time.Now()
+	nextStatus := now
+	s.lastPublish = now
 	for {
 		if err := s.reapAcks(ctx, false); err != nil {
 			return err
 		}
-		now := time.Now()
+		now = time.Now()
 		if len(s.run) > 0 && now.Sub(s.runStart) >= s.cfg.FlushInterval {
 			if err := s.flushRun(ctx); err != nil {
+				return err
+			}
+		}
+		if s.idle() && now.Sub(s.lastPublish) >= s.cfg.HeartbeatInterval {
+			if err := s.heartbeat(ctx, now); err != nil {
 				return err
 			}
 		}
@@ -291,9 +311,15 @@ func (s *captureSession) loop(ctx context.Context) error {
 			if err := s.sendStatus(ctx, false); err != nil {
 				return err
 			}
+			if err := s.report(ctx); err != nil {
+				return err
+			}
 			nextStatus = now.Add(s.cfg.StatusInterval)
 		}
 		deadline := nextStatus
+		if t := s.lastPublish.Add(s.cfg.HeartbeatInterval); t.Before(deadline) {
+			deadline = t
+		}
 		if len(s.run) > 0 {
 			if t := s.runStart.Add(s.cfg.FlushInterval); t.Before(deadline) {
 				deadline = t
@@ -304,6 +330,9 @@ func (s *captureSession) loop(ctx context.Context) error {
 			if t := now.Add(5 * time.Millisecond); t.Before(deadline) {
 				deadline = t
 			}
+		}
+		if !deadline.After(now) {
+			deadline = now.Add(time.Millisecond)
 		}
 		rctx, cancel := context.WithDeadline(ctx, deadline)
 		raw, err := s.repl.ReceiveMessage(rctx)
@@ -423,12 +452,16 @@ func (s *captureSession) publishChunk(ctx context.Context, final bool, endLSN ch
 	}
 	s.cur.Changes, s.curBytes = nil, 0
 	s.curChunks++
-	var confirm change.LSN
+	var (
+		confirm change.LSN
+		f       = inflight{changes: len(b.Txns[0].Changes)}
+	)
 	if final {
 		confirm = endLSN
 		s.published = s.cur.LSN
+		f.last, f.txns = header(s.cur), 1
 	}
-	return s.publish(ctx, b, confirm)
+	return s.publish(ctx, b, confirm, f)
 }
 
 func (s *captureSession) flushRun(ctx context.Context) error {
@@ -436,12 +469,18 @@ func (s *captureSession) flushRun(ctx context.Context) error {
 		return nil
 	}
 	b := &change.Batch{Origin: s.cfg.Site, Epoch: s.cfg.Epoch, Txns: s.run}
+	f := inflight{last: header(&s.run[len(s.run)-1]), txns: len(s.run)}
+	for i := range s.run {
+		f.changes += len(s.run[i].Changes)
+	}
 	confirm := s.runEnd
 	s.run, s.runBytes = nil, 0
-	return s.publish(ctx, b, confirm)
+	return s.publish(ctx, b, confirm, f)
 }
 
-func (s *captureSession) publish(ctx context.Context, b *change.Batch, confirm change.LSN) error {
+// publish hands b to the publisher; f describes what its acknowledgement
+// completes.
+func (s *captureSession) publish(ctx context.Context, b *change.Batch, confirm change.LSN, f inflight) error {
 	for len(s.inflight) >= s.cfg.MaxInFlight {
 		if err := s.reapAcks(ctx, true); err != nil {
 			return err
@@ -451,7 +490,9 @@ func (s *captureSession) publish(ctx context.Context, b *change.Batch, confirm c
 	if err != nil {
 		return fmt.Errorf("publish transactions up to %s: %w", b.LastLSN(), err)
 	}
-	s.inflight = append(s.inflight, inflight{done: done, confirm: confirm})
+	f.done, f.confirm = done, confirm
+	s.inflight = append(s.inflight, f)
+	s.lastPublish = time.Now()
 	return nil
 }
 
@@ -480,6 +521,12 @@ func (s *captureSession) reapAcks(ctx context.Context, block bool) error {
 			return fmt.Errorf("publish to the change stream: %w", err)
 		}
 		s.confirmed = max(s.confirmed, head.confirm)
+		if head.txns > 0 {
+			s.acked = head.last
+		}
+		if head.txns > 0 || head.changes > 0 {
+			s.obs.Published(head.txns, head.changes)
+		}
 		s.inflight[0] = inflight{}
 		s.inflight = s.inflight[1:]
 	}
@@ -506,6 +553,44 @@ func (s *captureSession) sendStatus(ctx context.Context, reply bool) error {
 	return nil
 }
 
+// idle reports whether nothing is being decoded, buffered or published.
+func (s *captureSession) idle() bool {
+	return s.cur == nil && len(s.run) == 0 && len(s.inflight) == 0
+}
+
+// heartbeat publishes the source's position while nothing else is
+// published, and asks the walsender for its position for the next one.
+func (s *captureSession) heartbeat(ctx context.Context, now time.Time) error {
+	hb := &change.Heartbeat{WALEnd: s.seenEnd, LastLSN: s.published, Time: now.UTC()}
+	if err := s.publish(ctx, &change.Batch{Origin: s.cfg.Site, Epoch: s.cfg.Epoch, Heartbeat: hb}, s.seenEnd, inflight{}); err != nil {
+		return err
+	}
+	return s.sendStatus(ctx, true)
+}
+
+// report tells the observer where capture stands.
+func (s *captureSession) report(ctx context.Context) error {
+	var (
+		wal      string
+		retained *int64
+	)
+	err := s.meta.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text,
+			(SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)`,
+		SlotName(s.cfg.Cluster)).Scan(&wal, &retained)
+	if err != nil {
+		return fmt.Errorf("read the WAL position: %w", err)
+	}
+	p := SourceProgress{SentLSN: s.seenEnd, LastCommitLSN: s.acked.LSN, LastCommitTime: s.acked.CommitTime}
+	if p.WALLSN, err = change.ParseLSN(wal); err != nil {
+		return err
+	}
+	if retained != nil {
+		p.RetainedWALBytes = *retained
+	}
+	s.obs.Source(p)
+	return nil
+}
+
 // changeSize approximates the encoded size of a change.
 func changeSize(c *change.Change) int {
 	n := 8
@@ -516,6 +601,13 @@ func changeSize(c *change.Change) int {
 		n += 5 + len(v.Data)
 	}
 	return n + 4*len(c.Truncated)
+}
+
+// header is a transaction without its changes.
+func header(t *change.Txn) change.Txn {
+	h := *t
+	h.Changes = nil
+	return h
 }
 
 func waitAck(ctx context.Context, done <-chan error) error {

@@ -16,6 +16,11 @@ const (
 	StatePaused       = "paused"
 )
 
+// ErrSlotLost means the replication slot vanished or was invalidated after
+// changes were published from it: the changes since its last confirmed
+// position cannot be recovered, and the replicas must be re-seeded.
+var ErrSlotLost = errors.New("replication slot lost")
+
 // PermanentError is a problem that retrying cannot fix: the operator has to
 // act. Fix says how.
 type PermanentError struct {

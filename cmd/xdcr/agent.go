@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -41,7 +42,11 @@ anything not yet confirmed is sent again after a restart.`,
 			if err != nil {
 				return &exitError{exitUsage, err}
 			}
-			a, err := agent.New(cfg, o.node, log)
+			dir := o.dataDir
+			if dir == "" {
+				dir = filepath.Join("/var/lib/xdcr", o.node)
+			}
+			a, err := agent.New(cfg, o.node, agent.Options{DataDir: dir, Version: version}, log)
 			if err != nil {
 				return &exitError{exitUsage, err}
 			}
@@ -55,7 +60,7 @@ anything not yet confirmed is sent again after a restart.`,
 	}
 	cmd.Flags().StringVarP(&o.config, "config", "c", "", "the cluster's config file (YAML)")
 	cmd.Flags().StringVar(&o.node, "node", "", "which of the config's nodes this agent is")
-	cmd.Flags().StringVar(&o.dataDir, "data-dir", "", "where the node keeps its state (Raft log and snapshots)")
+	cmd.Flags().StringVar(&o.dataDir, "data-dir", "", "where the node keeps its Raft log and snapshots (default /var/lib/xdcr/NODE)")
 	mustRequire(cmd, "config", "node")
 	return cmd
 }

@@ -62,6 +62,12 @@ type Cluster struct {
 	agents map[string]*process
 }
 
+// HTTPAddr is the address of a node's HTTP API.
+func (c *Cluster) HTTPAddr(node string) string {
+	n, _ := c.Config.Node(node)
+	return n.HTTP
+}
+
 // NodeID is the node the cluster runs in a site: "a1" for "dc-a".
 func NodeID(site string) string {
 	return strings.TrimPrefix(site, "dc-") + "1"
@@ -177,13 +183,9 @@ type process struct {
 	err  error
 }
 
-// StartAgents starts the agent of every data site's node. Witness nodes
-// only vote in the Raft group, which this build does not run yet.
+// StartAgents starts every node's agent, witnesses included.
 func (c *Cluster) StartAgents(ctx context.Context) error {
 	for _, n := range c.Nodes() {
-		if node, _ := c.Config.Node(n); node.IsWitness() {
-			continue
-		}
 		if err := c.StartAgent(ctx, n); err != nil {
 			return err
 		}
@@ -204,7 +206,7 @@ func (c *Cluster) StartAgent(ctx context.Context, node string) error {
 		return err
 	}
 	cmd := exec.Command(c.binary, "agent", "--config", c.ConfigPath, "--node", node,
-		"--data-dir", filepath.Join(c.dir, node), "--log-format", "json", "--log-level", "debug")
+		"--data-dir", filepath.Join(c.dir, node), "--log-format", "json", "--log-level", "info")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

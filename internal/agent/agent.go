@@ -1,6 +1,7 @@
-// Package agent wires one xdcr node: config → NATS, streams and the data
-// path pipeline of its site. cmd/xdcr, deploy/topology and the tests all run
-// agents through it, so every path runs the same code.
+// Package agent wires one xdcr node: its Raft member, its HTTP API and,
+// on a data site, the data path pipeline of that site — capture while the
+// site is the primary of the current epoch, apply otherwise. cmd/xdcr,
+// deploy/topology and the tests all run agents through it.
 package agent
 
 import (
@@ -8,16 +9,62 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 
+	"github.com/xdcr/xdcr/checkpoints"
+	"github.com/xdcr/xdcr/consensus"
+	"github.com/xdcr/xdcr/internal/api"
 	"github.com/xdcr/xdcr/internal/config"
 	"github.com/xdcr/xdcr/replicator"
 	"github.com/xdcr/xdcr/transport"
 )
+
+// Options are what an agent needs beyond the config.
+type Options struct {
+	// DataDir holds the node's Raft log and snapshots.
+	DataDir string
+	// Version is reported in metrics.
+	Version string
+}
+
+// Timing of the reports agents make through Raft, and of "down".
+const (
+	reportInterval = time.Second
+	downAfter      = 5 * time.Second
+)
+
+// Agent runs one node of the config.
+type Agent struct {
+	cfg     *config.Config
+	id      string
+	node    config.Node
+	opts    Options
+	log     *slog.Logger
+	metrics *metrics
+	client  *api.Client
+
+	raft *consensus.Node // set by Run
+
+	mu       sync.Mutex
+	pipeline pipelineState
+}
+
+// pipelineState is what the site's pipeline last said about itself.
+type pipelineState struct {
+	running bool
+	role    Role
+	state   string
+	err     error
+	source  replicator.SourceProgress
+	applied *replicator.ApplyProgress
+	catchUp bool
+}
 
 // Role says which site is the primary, in which epoch.
 type Role struct {
@@ -25,58 +72,141 @@ type Role struct {
 	Epoch   uint64
 }
 
-// roleSource tells the agent the current role. Today it is the config's
-// bootstrap primary in epoch 1; the Raft group will feed it.
-type roleSource interface {
-	// Role returns the current role.
-	Role(ctx context.Context) (Role, error)
-	// Changed is signalled (never closed) when the role may have changed;
-	// a hint: the agent re-reads Role.
-	Changed() <-chan struct{}
-}
-
-// staticRole is the role fixed by the config.
-type staticRole struct{ role Role }
-
-func (s staticRole) Role(context.Context) (Role, error) { return s.role, nil }
-func (s staticRole) Changed() <-chan struct{}           { return nil }
-
-// Agent runs one node of the config.
-type Agent struct {
-	cfg   *config.Config
-	node  string
-	site  string
-	log   *slog.Logger
-	roles roleSource
-
-	mu    sync.Mutex
-	state string
-	err   error
-}
-
 // New returns the agent of node id. Nothing runs until Run.
-func New(cfg *config.Config, id string, log *slog.Logger) (*Agent, error) {
+func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent, error) {
 	node, ok := cfg.Node(id)
 	if !ok {
 		return nil, fmt.Errorf("node %q is not in the config's nodes (have %v)", id, cfg.NodeNames())
 	}
-	if node.Site == config.WitnessSite {
-		return nil, fmt.Errorf("node %q is a witness: witnesses only vote in the Raft group, which this build does not run yet", id)
+	if opts.DataDir == "" {
+		return nil, errors.New("a data directory is required for the node's Raft state")
 	}
 	return &Agent{
-		cfg:   cfg,
-		node:  id,
-		site:  node.Site,
-		log:   log.With("node", id, "site", node.Site),
-		roles: staticRole{Role{Primary: cfg.Primary, Epoch: 1}},
-		state: replicator.StateStarting,
+		cfg:     cfg,
+		id:      id,
+		node:    node,
+		opts:    opts,
+		log:     log.With("node", id, "site", node.Site),
+		metrics: newMetrics(opts.Version),
+		client:  api.NewClient(5 * time.Second),
 	}, nil
 }
 
 // Run runs the node until ctx ends; it returns nil then. It returns an
-// error only for a problem that needs an operator (e.g. a lost slot).
+// error when the node cannot run (its Raft state cannot be opened, its
+// address is taken) or its pipeline stopped on a problem that needs an
+// operator (a lost slot, a table without a key).
+//
+// Shutdown order: the pipeline stops first (capture confirms nothing more,
+// apply commits nothing half-done), then the reporter, then the HTTP API,
+// and the Raft member last, so the node keeps voting until the end.
 func (a *Agent) Run(ctx context.Context) error {
-	nc, err := a.connectNATS(ctx)
+	node, err := consensus.Open(consensus.Config{
+		ID:     a.id,
+		Bind:   a.node.Raft,
+		Dir:    filepath.Join(a.opts.DataDir, "raft"),
+		Peers:  a.peers(),
+		Logger: a.log.With("component", "raft"),
+	})
+	if err != nil {
+		return fmt.Errorf("open raft: %w", err)
+	}
+	a.raft = node
+	defer func() {
+		if err := node.Close(); err != nil {
+			a.log.Warn("close raft", "err", err)
+		}
+	}()
+	a.metrics.registry.MustRegister(&stateCollector{a: a})
+
+	httpCtx, stopHTTP := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopHTTP()
+	httpDone := make(chan error, 1)
+	srv := api.NewServer(a.node.HTTP, a, a.metrics.registry, a.log)
+	go func() { httpDone <- srv.Run(httpCtx) }()
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.bootstrap(gctx) })
+	g.Go(func() error { return a.report(gctx) })
+	if !a.node.IsWitness() {
+		g.Go(func() error { return a.runPipeline(gctx) })
+	}
+	err = g.Wait()
+	stopHTTP()
+	if herr := <-httpDone; herr != nil && err == nil {
+		err = herr
+	}
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
+
+func (a *Agent) peers() []consensus.Peer {
+	var peers []consensus.Peer
+	for _, id := range a.cfg.NodeNames() {
+		n, _ := a.cfg.Node(id)
+		peers = append(peers, consensus.Peer{ID: id, Address: n.Raft})
+	}
+	return peers
+}
+
+// bootstrap records the config's cluster, primary and sites in the Raft
+// state once, when the state is empty. Only the leader proposes; a
+// second proposal is refused by the state machine and is harmless.
+func (a *Agent) bootstrap(ctx context.Context) error {
+	for {
+		st := a.raft.LocalState()
+		if st.Bootstrapped() {
+			if st.Cluster != a.cfg.Cluster {
+				return fmt.Errorf("the Raft state in %s belongs to cluster %q, the config names %q: point --data-dir at this cluster's state",
+					a.opts.DataDir, st.Cluster, a.cfg.Cluster)
+			}
+			return nil
+		}
+		if a.raft.IsLeader() {
+			cmd := checkpoints.Command{
+				Version: checkpoints.Version, Op: checkpoints.OpBootstrap, At: time.Now().UTC(),
+				Bootstrap: &checkpoints.Bootstrap{Cluster: a.cfg.Cluster, Primary: a.cfg.Primary, Sites: a.cfg.SiteNames()},
+			}
+			err := a.propose(ctx, cmd)
+			switch {
+			case err == nil:
+				a.log.Info("bootstrapped the cluster state", "cluster", a.cfg.Cluster, "primary", a.cfg.Primary)
+			case errors.Is(err, checkpoints.ErrAlreadyBootstrapped):
+			default:
+				a.log.Warn("bootstrap the cluster state", "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-a.raft.Changes():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// role waits until the Raft state names a primary.
+func (a *Agent) role(ctx context.Context) (Role, error) {
+	for {
+		st := a.raft.LocalState()
+		if st.Bootstrapped() && st.Cluster == a.cfg.Cluster {
+			return Role{Primary: st.Primary, Epoch: st.Epoch}, nil
+		}
+		select {
+		case <-ctx.Done():
+			return Role{}, ctx.Err()
+		case <-a.raft.Changes():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// runPipeline runs capture or apply for the role the Raft state gives this
+// site, and restarts it when the role changes.
+func (a *Agent) runPipeline(ctx context.Context) error {
+	nc, err := a.connectNATS()
 	if err != nil {
 		return err
 	}
@@ -88,39 +218,46 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("jetstream: %w", err)
 	}
 	if err := a.ensureStreams(ctx, js); err != nil {
-		return ignoreCanceled(err)
+		return err
 	}
 	for {
-		role, err := a.roles.Role(ctx)
+		role, err := a.role(ctx)
 		if err != nil {
-			return ignoreCanceled(err)
+			return err
 		}
+		a.setPipeline(func(p *pipelineState) { *p = pipelineState{running: true, role: role, state: replicator.StateStarting} })
 		runCtx, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)
-		go func() { done <- a.pipeline(runCtx, js, role) }()
-		select {
-		case err := <-done:
-			cancel()
-			return ignoreCanceled(err)
-		case <-a.roles.Changed():
-			cancel()
-			<-done
-			a.log.Info("role may have changed; restarting the pipeline")
+		go func() { done <- a.pipelineFor(runCtx, js, role) }()
+		for changed := false; !changed; {
+			select {
+			case err := <-done:
+				cancel()
+				a.setPipeline(func(p *pipelineState) { p.running = false })
+				return err
+			case <-a.raft.Changes():
+				st := a.raft.LocalState()
+				changed = st.Primary != role.Primary || st.Epoch != role.Epoch
+			}
 		}
+		cancel()
+		<-done
+		a.log.Info("role changed; restarting the pipeline", "old_primary", role.Primary, "old_epoch", role.Epoch)
 	}
 }
 
-// pipeline runs capture when this site is the primary, apply otherwise.
-func (a *Agent) pipeline(ctx context.Context, js jetstream.JetStream, role Role) error {
-	site := a.cfg.Sites[a.site]
-	if role.Primary == a.site {
+// pipelineFor runs capture when this site is the primary, apply otherwise.
+func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Role) error {
+	site := a.cfg.Sites[a.node.Site]
+	obs := &observer{a: a}
+	if role.Primary == a.node.Site {
 		tables, err := a.tables()
 		if err != nil {
 			return err
 		}
 		c := replicator.NewCapture(replicator.CaptureConfig{
 			Cluster:        a.cfg.Cluster,
-			Site:           a.site,
+			Site:           a.node.Site,
 			Epoch:          role.Epoch,
 			DSN:            site.Postgres,
 			Tables:         tables,
@@ -128,17 +265,17 @@ func (a *Agent) pipeline(ctx context.Context, js jetstream.JetStream, role Role)
 			FlushInterval:  a.cfg.Capture.FlushInterval,
 			StatusInterval: a.cfg.Capture.StatusInterval,
 			MaxInFlight:    a.cfg.Capture.MaxInFlight,
-		}, transport.NewPublisher(js, a.cfg.Cluster, a.site), a.log, a.setState)
+		}, transport.NewPublisher(js, a.cfg.Cluster, a.node.Site), a.log, obs)
 		return c.Run(ctx)
 	}
 	ap := replicator.NewApply(replicator.ApplyConfig{
 		Cluster:       a.cfg.Cluster,
-		Site:          a.site,
+		Site:          a.node.Site,
 		DSN:           site.Postgres,
 		Stream:        transport.StreamName(a.cfg.Cluster, role.Primary),
 		MaxBatchTxns:  a.cfg.Apply.MaxBatchTxns,
 		MaxBatchBytes: a.cfg.Apply.MaxBatchBytes,
-	}, transport.NewSubscriber(js), a.log, a.setState, nil)
+	}, transport.NewSubscriber(js), a.log, obs)
 	return ap.Run(ctx)
 }
 
@@ -154,23 +291,27 @@ func (a *Agent) tables() ([]replicator.Table, error) {
 	return out, nil
 }
 
-// State returns the pipeline's state and the error behind it, if any.
-func (a *Agent) State() (string, error) {
+func (a *Agent) setPipeline(f func(*pipelineState)) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.state, a.err
+	f(&a.pipeline)
 }
 
-func (a *Agent) setState(state string, err error) {
+func (a *Agent) pipelineSnapshot() pipelineState {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.state, a.err = state, err
+	p := a.pipeline
+	if p.applied != nil {
+		cp := *p.applied
+		p.applied = &cp
+	}
+	return p
 }
 
-func (a *Agent) connectNATS(ctx context.Context) (*nats.Conn, error) {
-	url := a.cfg.Sites[a.site].NATS
+func (a *Agent) connectNATS() (*nats.Conn, error) {
+	url := a.cfg.Sites[a.node.Site].NATS
 	opts := []nats.Option{
-		nats.Name("xdcr-" + a.node),
+		nats.Name("xdcr-" + a.id),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(500 * time.Millisecond),
 		nats.RetryOnFailedConnect(true),
@@ -183,7 +324,7 @@ func (a *Agent) connectNATS(ctx context.Context) (*nats.Conn, error) {
 	}
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to nats of site %s: %w", a.site, err)
+		return nil, fmt.Errorf("connect to nats of site %s: %w", a.node.Site, err)
 	}
 	return nc, nil
 }
@@ -202,7 +343,7 @@ func (a *Agent) ensureStreams(ctx context.Context, js jetstream.JetStream) error
 	wait := 250 * time.Millisecond
 	for {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := transport.EnsureStreams(sctx, js, a.cfg.Cluster, a.site, a.cfg.SiteNames(), settings)
+		err := transport.EnsureStreams(sctx, js, a.cfg.Cluster, a.node.Site, a.cfg.SiteNames(), settings)
 		cancel()
 		if err == nil {
 			return nil
@@ -220,9 +361,8 @@ func (a *Agent) ensureStreams(ctx context.Context, js jetstream.JetStream) error
 	}
 }
 
-func ignoreCanceled(err error) error {
-	if errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return err
+// httpAddr is the HTTP address of a node id.
+func (a *Agent) httpAddr(id string) (string, bool) {
+	n, ok := a.cfg.Node(id)
+	return n.HTTP, ok
 }

@@ -20,7 +20,7 @@ func TestTableWithoutPrimaryKeyRefused(t *testing.T) {
 		noAgents: true,
 	})
 	node := topology.NodeID(c.Config.Primary)
-	if err := c.StartAgent(t.Context(), node); err != nil {
+	if err := c.StartAgents(t.Context()); err != nil { // the role comes from a Raft majority
 		t.Fatal(err)
 	}
 	e := waitLog(t, c, node, "capture stopped", time.Minute, "public.nopk", "no primary key", "ADD PRIMARY KEY", "REPLICA IDENTITY FULL")

@@ -162,17 +162,28 @@ func waitLog(t *testing.T, c *topology.Cluster, node, msg string, timeout time.D
 	}
 }
 
-func findLog(path, msg string, parts ...string) (logEntry, bool) {
+// readLog parses an agent's JSON log lines.
+func readLog(path string) []logEntry {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, false
+		return nil
 	}
 	defer f.Close()
+	var out []logEntry
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		var e logEntry
-		if json.Unmarshal(sc.Bytes(), &e) != nil || e["msg"] != msg {
+		if json.Unmarshal(sc.Bytes(), &e) == nil {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func findLog(path, msg string, parts ...string) (logEntry, bool) {
+	for _, e := range readLog(path) {
+		if e["msg"] != msg {
 			continue
 		}
 		text := fmt.Sprint(e["err"])

@@ -1,0 +1,104 @@
+package agent
+
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/xdcr/xdcr/replicator"
+	"github.com/xdcr/xdcr/transport"
+)
+
+// metrics are a node's Prometheus series. The per-site lag series come
+// from the Raft state when scraped (see stateCollector).
+type metrics struct {
+	registry *prometheus.Registry
+
+	publishedTxns prometheus.Counter
+	publishedRows prometheus.Counter
+	appliedTxns   prometheus.Counter
+	appliedRows   prometheus.Counter
+	applyBatch    prometheus.Histogram
+	errors        *prometheus.CounterVec
+	retainedWAL   prometheus.Gauge
+}
+
+func newMetrics(version string) *metrics {
+	r := prometheus.NewRegistry()
+	m := &metrics{
+		registry: r,
+		publishedTxns: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "xdcr_published_transactions_total",
+			Help: "Source transactions the change stream acknowledged (primary site).",
+		}),
+		publishedRows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "xdcr_published_rows_total",
+			Help: "Row changes the change stream acknowledged (primary site).",
+		}),
+		appliedTxns: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "xdcr_applied_transactions_total",
+			Help: "Source transactions applied to this site's database.",
+		}),
+		appliedRows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "xdcr_applied_rows_total",
+			Help: "Row changes applied to this site's database.",
+		}),
+		applyBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "xdcr_apply_batch_duration_seconds",
+			Help:    "Time from queuing the first statement of a target transaction to its commit.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "xdcr_pipeline_errors_total",
+			Help: "Errors that stopped or restarted the pipeline, by kind.",
+		}, []string{"kind"}),
+		retainedWAL: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "xdcr_slot_retained_wal_bytes",
+			Help: "WAL the replication slot keeps on the primary (pg_current_wal_lsn() - restart_lsn).",
+		}),
+	}
+	build := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "xdcr_build_info",
+		Help:        "The running xdcr version.",
+		ConstLabels: prometheus.Labels{"version": version},
+	})
+	build.Set(1)
+	r.MustRegister(m.publishedTxns, m.publishedRows, m.appliedTxns, m.appliedRows, m.applyBatch, m.errors,
+		m.retainedWAL, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, k := range []string{"schema", "gap", "malformed", "slot", "permanent", "transient"} {
+		m.errors.WithLabelValues(k)
+	}
+	return m
+}
+
+// errorKind classifies a pipeline error for xdcr_pipeline_errors_total.
+func errorKind(err error) string {
+	var (
+		schema *replicator.SchemaError
+		gap    *replicator.GapError
+		perm   *replicator.PermanentError
+	)
+	switch {
+	case errors.As(err, &schema):
+		return "schema"
+	case errors.As(err, &gap):
+		return "gap"
+	case errors.Is(err, transport.ErrMalformed):
+		return "malformed"
+	case errors.Is(err, replicator.ErrSlotLost):
+		return "slot"
+	case errors.As(err, &perm):
+		return "permanent"
+	}
+	return "transient"
+}
+
+func (m *metrics) observeApply(p replicator.ApplyProgress) {
+	if p.Txns == 0 {
+		return
+	}
+	m.appliedTxns.Add(float64(p.Txns))
+	m.appliedRows.Add(float64(p.Changes))
+	m.applyBatch.Observe(p.Duration.Seconds())
+}

@@ -1,0 +1,36 @@
+package agent
+
+import (
+	"github.com/xdcr/xdcr/replicator"
+)
+
+// observer receives the pipeline's events: it keeps the latest position
+// for the reporter and feeds the metrics.
+type observer struct{ a *Agent }
+
+var _ replicator.Observer = (*observer)(nil)
+
+func (o *observer) State(state string, err error) {
+	o.a.setPipeline(func(p *pipelineState) { p.state, p.err = state, err })
+	if err != nil {
+		o.a.metrics.errors.WithLabelValues(errorKind(err)).Inc()
+	}
+}
+
+func (o *observer) Source(sp replicator.SourceProgress) {
+	o.a.setPipeline(func(p *pipelineState) { p.source = sp })
+	o.a.metrics.retainedWAL.Set(float64(sp.RetainedWALBytes))
+}
+
+func (o *observer) Published(txns, changes int) {
+	o.a.metrics.publishedTxns.Add(float64(txns))
+	o.a.metrics.publishedRows.Add(float64(changes))
+}
+
+func (o *observer) Applied(ap replicator.ApplyProgress) {
+	o.a.setPipeline(func(p *pipelineState) {
+		p.applied = &ap
+		p.catchUp = ap.CatchingUp
+	})
+	o.a.metrics.observeApply(ap)
+}

@@ -1,0 +1,162 @@
+// Package api is a node's HTTP surface: /healthz, /readyz, /metrics,
+// /v1/status, and the internal endpoint through which followers forward
+// Raft proposals to the leader; and the client that `xdcr lag` and the
+// agents use to talk to it.
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/xdcr/xdcr/checkpoints"
+)
+
+// ForwardedHeader marks a request one node passed on to another, so it is
+// never passed on twice.
+const ForwardedHeader = "X-Xdcr-Forwarded"
+
+// Backend is what the server needs from the node.
+type Backend interface {
+	// Status returns the cluster's status, read consistently through the
+	// Raft leader. forwarded is set when another node passed the request
+	// on, and the backend must not pass it on again.
+	Status(ctx context.Context, forwarded bool) (checkpoints.Status, error)
+	// Propose applies an encoded checkpoints command through Raft.
+	Propose(ctx context.Context, cmd []byte, forwarded bool) error
+	// Ready returns nil when the node serves its purpose: a member of a Raft
+	// group with a leader, and its pipeline running. Otherwise it says why.
+	Ready() error
+}
+
+// Error is the JSON body of every failed request.
+type Error struct {
+	Error string `json:"error"`
+	// Code is a short machine-readable reason: "no_leader", "rejected",
+	// "unavailable", "bad_request".
+	Code string `json:"code"`
+}
+
+// Error codes.
+const (
+	CodeNoLeader    = "no_leader"
+	CodeRejected    = "rejected"
+	CodeUnavailable = "unavailable"
+	CodeBadRequest  = "bad_request"
+)
+
+// StatusError lets a backend choose the HTTP status and code of an error.
+type StatusError struct {
+	HTTP int
+	Code string
+	Err  error
+}
+
+func (e *StatusError) Error() string { return e.Err.Error() }
+func (e *StatusError) Unwrap() error { return e.Err }
+
+// Server serves a node's HTTP API.
+type Server struct {
+	backend  Backend
+	registry *prometheus.Registry
+	log      *slog.Logger
+	srv      *http.Server
+}
+
+// NewServer returns a server for addr; nothing listens until Run.
+func NewServer(addr string, backend Backend, registry *prometheus.Registry, log *slog.Logger) *Server {
+	s := &Server{backend: backend, registry: registry, log: log.With("component", "http")}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", s.healthz)
+	mux.HandleFunc("GET /readyz", s.readyz)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}))
+	mux.HandleFunc("GET /v1/status", s.status)
+	mux.HandleFunc("POST /v1/internal/propose", s.propose)
+	s.srv = &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return s
+}
+
+// Run listens and serves until ctx ends, then shuts down gracefully.
+func (s *Server) Run(ctx context.Context) error {
+	l, err := net.Listen("tcp", s.srv.Addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s for the HTTP API: %w", s.srv.Addr, err)
+	}
+	s.log.Info("http api listening", "addr", l.Addr().String())
+	errc := make(chan error, 1)
+	go func() { errc <- s.srv.Serve(l) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("http api: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := s.srv.Shutdown(sctx); err != nil {
+		return fmt.Errorf("stop the http api: %w", err)
+	}
+	return nil
+}
+
+func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	fmt.Fprintln(w, "ok")
+}
+
+func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if err := s.backend.Ready(); err != nil {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "not ready:", err)
+		return
+	}
+	fmt.Fprintln(w, "ok")
+}
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	st, err := s.backend.Status(r.Context(), r.Header.Get(ForwardedHeader) != "")
+	if err != nil {
+		s.fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+// maxCommand bounds a proposal's body.
+const maxCommand = 1 << 20
+
+func (s *Server) propose(w http.ResponseWriter, r *http.Request) {
+	cmd, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxCommand))
+	if err != nil {
+		s.fail(w, &StatusError{HTTP: http.StatusBadRequest, Code: CodeBadRequest, Err: err})
+		return
+	}
+	if err := s.backend.Propose(r.Context(), cmd, r.Header.Get(ForwardedHeader) != ""); err != nil {
+		s.fail(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) fail(w http.ResponseWriter, err error) {
+	se := &StatusError{HTTP: http.StatusInternalServerError, Code: CodeUnavailable, Err: err}
+	errors.As(err, &se)
+	writeJSON(w, se.HTTP, Error{Error: err.Error(), Code: se.Code})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v) // the client went away; nothing to do
+}
