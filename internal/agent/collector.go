@@ -24,7 +24,7 @@ var (
 		"The site's applied position as a number (the primary's: decoded position).", []string{"site"}, nil)
 	descSiteState = prometheus.NewDesc("xdcr_site_state",
 		"1 for the state each site is in.", []string{"site", "role", "state"}, nil)
-	descEpoch = prometheus.NewDesc("xdcr_epoch", "The current epoch (fencing token).", nil, nil)
+	descEpoch     = prometheus.NewDesc("xdcr_epoch", "The current epoch (fencing token).", nil, nil)
 	descRaftState = prometheus.NewDesc("xdcr_raft_state",
 		"1 for this node's Raft state.", []string{"state"}, nil)
 	descRaftLeader = prometheus.NewDesc("xdcr_raft_leader", "1 when this node is the Raft leader.", nil, nil)
