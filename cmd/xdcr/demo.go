@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/xdcr/xdcr/deploy/topology"
+	"github.com/xdcr/xdcr/internal/api"
 	"github.com/xdcr/xdcr/replicator"
 )
 
@@ -111,6 +112,14 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 		return err
 	}
 
+	t.section("Lag, as the Raft group of the agents sees it (`xdcr lag`)")
+	t.say("Every agent reports its position once a second through Raft; an idle")
+	t.say("primary publishes heartbeats, so caught-up replicas show 0 lag.")
+	time.Sleep(1500 * time.Millisecond)
+	if err := t.lag(ctx); err != nil {
+		return err
+	}
+
 	t.section("Updates, deletes and a transfer that must stay atomic")
 	if err := exec(ctx, conn, `UPDATE accounts SET balance = balance + 5, updated_at = now() WHERE id % 3 = 0`); err != nil {
 		return err
@@ -157,6 +166,11 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 			t.say("  killed %s's agent after transaction %d", replica, i-1)
 		}
 		if i == 400 {
+			t.say("  while it is down, `xdcr lag` shows it falling behind:")
+			time.Sleep(2 * time.Second)
+			if err := t.lag(ctx); err != nil {
+				return err
+			}
 			if err := c.StartAgent(ctx, node); err != nil {
 				return err
 			}
@@ -185,6 +199,16 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 	t.section("Done")
 	t.say("Try it yourself: `xdcr dev --sites 3 --dir /tmp/xdcr` runs the same")
 	t.say("playground until you press Ctrl-C, and prints its connection strings.")
+	return nil
+}
+
+// lag prints what `xdcr lag` prints.
+func (t *tour) lag(ctx context.Context) error {
+	st, err := fetchStatus(ctx, api.NewClient(3*time.Second), t.env.cluster.Config)
+	if err != nil {
+		return err
+	}
+	renderLag(t.w, st)
 	return nil
 }
 
