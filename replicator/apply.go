@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -64,19 +65,32 @@ type AppliedPosition struct {
 // Apply applies the change stream to a replica site's PostgreSQL, exactly
 // once and in source commit order.
 type Apply struct {
-	cfg ApplyConfig
-	sub subscriber
-	log *slog.Logger
-	obs Observer
+	cfg  ApplyConfig
+	sub  subscriber
+	log  *slog.Logger
+	obs  Observer
+	keys cacheKeys
+}
+
+// cacheKeys is what apply needs from cache invalidation.
+type cacheKeys interface {
+	// Invalidations returns what the changes of one source transaction
+	// (or one chunk of it) make stale in the site's caches; nil when
+	// nothing. It must be fast and must not do I/O: it runs on the apply
+	// path.
+	Invalidations(changes []change.Change) []change.Invalidation
 }
 
 // NewApply returns an apply pipeline; nothing runs until Run. obs may be
-// nil.
-func NewApply(cfg ApplyConfig, sub subscriber, log *slog.Logger, obs Observer) *Apply {
+// nil. With keys, every target transaction also writes the cache keys it
+// makes stale into xdcr.cache_outbox, committed with the data, for a cache
+// worker to delete once it has committed (at least once, even across a
+// crash).
+func NewApply(cfg ApplyConfig, sub subscriber, log *slog.Logger, obs Observer, keys cacheKeys) *Apply {
 	if obs == nil {
 		obs = NopObserver{}
 	}
-	return &Apply{cfg: cfg.withDefaults(), sub: sub, log: log.With("component", "apply"), obs: obs}
+	return &Apply{cfg: cfg.withDefaults(), sub: sub, log: log.With("component", "apply"), obs: obs, keys: keys}
 }
 
 // Run applies until ctx ends, then returns ctx.Err(). Nothing is applied
@@ -150,6 +164,7 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 		meta:    meta,
 		log:     a.log,
 		obs:     a.obs,
+		keys:    a.keys,
 		backlog: func() int { return len(msgs) },
 		pos:     pos,
 		head:    pos,
@@ -225,6 +240,7 @@ type applier struct {
 	meta    *pgx.Conn
 	log     *slog.Logger
 	obs     Observer
+	keys    cacheKeys  // nil without cache invalidation
 	backlog func() int // messages waiting to be read
 
 	// what has been applied, for reports
@@ -668,6 +684,32 @@ func (w *applier) queueTxn(ctx context.Context, seq uint64, txn *change.Txn) err
 		s.seq, s.txn, s.c = seq, txn.LSN, c
 		w.queued = append(w.queued, s)
 	}
+	return w.queueInvalidations(seq, txn)
+}
+
+// queueInvalidations writes what txn makes stale in the site's caches into
+// the outbox, in the same target transaction as its changes.
+func (w *applier) queueInvalidations(seq uint64, txn *change.Txn) error {
+	if w.keys == nil {
+		return nil
+	}
+	inv := w.keys.Invalidations(txn.Changes)
+	if len(inv) == 0 {
+		return nil
+	}
+	entries, err := json.Marshal(inv)
+	if err != nil {
+		return fmt.Errorf("encode cache invalidations: %w", err)
+	}
+	var ct []byte
+	if !txn.CommitTime.IsZero() {
+		ct = []byte(txn.CommitTime.Format(time.RFC3339Nano))
+	}
+	w.queued = append(w.queued, stmt{
+		sql:    "INSERT INTO xdcr.cache_outbox (cluster, lsn, commit_time, entries) VALUES ($1, $2::pg_lsn, $3::timestamptz, $4::jsonb)",
+		params: [][]byte{[]byte(w.cfg.Cluster), []byte(txn.LSN.String()), ct, entries},
+		rows:   1, seq: seq, txn: txn.LSN,
+	})
 	return nil
 }
 

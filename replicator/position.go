@@ -11,7 +11,8 @@ import (
 )
 
 // applySchema is the replica-side bookkeeping: one row per cluster holding
-// the applied position, and the function that moves it. The function fails
+// the applied position, the function that moves it, and the outbox of
+// cache invalidations written in the same transactions as the data. The function fails
 // the surrounding transaction when the row is not where the caller thinks,
 // so two agents applying to one site can never both commit the same change.
 const applySchema = `
@@ -25,6 +26,14 @@ CREATE TABLE IF NOT EXISTS xdcr.apply_position (
 	stream      text        NOT NULL,
 	stream_seq  bigint      NOT NULL,
 	applied_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS xdcr.cache_outbox (
+	id          bigserial PRIMARY KEY,
+	cluster     text        NOT NULL,
+	lsn         pg_lsn      NOT NULL,
+	commit_time timestamptz,
+	entries     jsonb       NOT NULL,
+	created_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE OR REPLACE FUNCTION xdcr.advance(
 	p_cluster text, p_old_epoch bigint, p_old_lsn pg_lsn, p_old_seq bigint,

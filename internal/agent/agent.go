@@ -275,7 +275,7 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 		Stream:        transport.StreamName(a.cfg.Cluster, role.Primary),
 		MaxBatchTxns:  a.cfg.Apply.MaxBatchTxns,
 		MaxBatchBytes: a.cfg.Apply.MaxBatchBytes,
-	}, transport.NewSubscriber(js), a.log, obs)
+	}, transport.NewSubscriber(js), a.log, obs, nil)
 	return ap.Run(ctx)
 }
 

@@ -228,3 +228,14 @@ type Delivery struct {
 	// Err is set when the message could not be decoded; it names the cause.
 	Err error
 }
+
+// Invalidation says which cache keys one change (or a truncate) of a
+// table makes stale. Keys built from the old and the new row are both
+// listed; Flush asks for every key of the table (a truncate, or too many
+// keys to list).
+type Invalidation struct {
+	Table string   `json:"table"` // schema.table
+	Op    string   `json:"op"`    // insert, update, delete, truncate
+	Keys  []string `json:"keys,omitempty"`
+	Flush bool     `json:"flush,omitempty"`
+}
