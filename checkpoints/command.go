@@ -26,12 +26,13 @@ const (
 	StateCatchingUp   = "catching-up"
 	StatePaused       = "paused" // paused with an error the operator must fix; Error says it
 	StateReconnecting = "reconnecting"
+	StateSyncing      = "syncing" // `xdcr sync` is copying tables into the site; Error says how far
 	StateDown         = "down"    // derived: no report for longer than the downAfter given to Status
 	StateUnknown      = "unknown" // derived: never reported
 )
 
 // reportedStates are the states a report may carry.
-var reportedStates = []string{StateStarting, StateStreaming, StateCatchingUp, StatePaused, StateReconnecting}
+var reportedStates = []string{StateStarting, StateStreaming, StateCatchingUp, StatePaused, StateReconnecting, StateSyncing}
 
 // The ops of a [Command].
 const (

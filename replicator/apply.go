@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -60,6 +61,8 @@ type AppliedPosition struct {
 	CommitTime time.Time // the source commit time of the transaction at LSN
 	Stream     string    // the stream Seq refers to
 	Seq        uint64    // the last stream message fully applied
+	// Generation changes when `xdcr sync` changes what apply must do.
+	Generation int64
 }
 
 // Apply applies the change stream to a replica site's PostgreSQL, exactly
@@ -110,6 +113,15 @@ func (a *Apply) Run(ctx context.Context) error {
 		if progressed {
 			backoff.reset()
 		}
+		var syncing *SyncingError
+		if errors.As(err, &syncing) {
+			a.obs.State(StateSyncing, err)
+			backoff.reset()
+			if err := sleep(ctx, time.Second); err != nil {
+				return err
+			}
+			continue
+		}
 		wait := backoff.next()
 		if isPermanent(err) {
 			a.obs.State(StatePaused, err)
@@ -138,10 +150,14 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 	}
 	defer meta.Close(context.WithoutCancel(ctx))
 
-	if err := ensureApplySchema(ctx, conn); err != nil {
+	if err := EnsureApplySchema(ctx, conn); err != nil {
 		return false, err
 	}
 	pos, err := loadPosition(ctx, conn, a.cfg.Cluster)
+	if err != nil {
+		return false, err
+	}
+	syncs, err := ReadTableSyncs(ctx, conn, a.cfg.Cluster)
 	if err != nil {
 		return false, err
 	}
@@ -171,6 +187,7 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 		prefix:  pos,
 		upTo:    pos.LSN,
 		asOf:    pos.CommitTime,
+		syncs:   syncs,
 		targets: make(map[string]*target),
 	}
 	var progressed bool
@@ -265,6 +282,8 @@ type applier struct {
 
 	chunk *openChunk // a large transaction open in the replica
 
+	syncs map[string]TableSync // tables `xdcr sync` copies or copied
+
 	targets map[string]*target // by relationKey
 	rels    map[*change.Relation]*target
 	nstmt   int
@@ -355,16 +374,29 @@ func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 
 // check decides whether txn was applied already, and stops on a gap.
 func (w *applier) check(d *change.Delivery, b *change.Batch, txn *change.Txn) (skip bool, err error) {
+	if w.head.Origin == "" && txn.PrevLSN != 0 {
+		return false, w.notSeeded(d, txn.PrevLSN)
+	}
 	sameEpoch := b.Epoch == w.head.Epoch && b.Origin == w.head.Origin
 	if sameEpoch && txn.LSN <= w.head.LSN {
 		return true, nil
 	}
-	if sameEpoch && txn.PrevLSN != 0 && w.head.LSN != 0 && txn.PrevLSN != w.head.LSN {
+	// a predecessor beyond what was applied is missing; one at or before it
+	// is fine (after a sync, the position is where the copy ends)
+	if sameEpoch && txn.PrevLSN > w.head.LSN {
 		return false, &GapError{Stream: w.cfg.Stream, Seq: d.Seq,
 			Applied: w.head.Position.String(),
 			Prev:    change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.PrevLSN}.String()}
 	}
 	return false, nil
+}
+
+// notSeeded refuses to start a site that never applied anything in the
+// middle of the stream: it would miss everything before.
+func (w *applier) notSeeded(d *change.Delivery, prev change.LSN) error {
+	return permanent(fmt.Errorf("stream %s seq %d: site %s has never applied anything and the stream does not start "+
+		"at the beginning of the primary's history (the first message follows %s)", w.cfg.Stream, d.Seq, w.cfg.Site, prev),
+		fmt.Sprintf("copy the tables into %s with `xdcr sync %s`; apply continues from where the copy ends", w.cfg.Site, w.cfg.Site))
 }
 
 func (w *applier) gap(d *change.Delivery, what string) error {
@@ -408,8 +440,9 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 		w.chunk = &openChunk{txn: hdr}
 		w.queued = append(w.queued,
 			stmt{sql: "BEGIN", rows: -1, seq: d.Seq, txn: txn.LSN},
-			stmt{sql: "SELECT 1 FROM xdcr.apply_position WHERE cluster = $1 AND epoch = $2 AND lsn = $3::pg_lsn AND stream_seq = $4 FOR UPDATE",
-				params: [][]byte{[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq)},
+			stmt{sql: "SELECT 1 FROM xdcr.apply_position WHERE cluster = $1 AND epoch = $2 AND lsn = $3::pg_lsn AND stream_seq = $4 AND generation = $5 FOR UPDATE",
+				params: [][]byte{[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq),
+					strconv.AppendInt(nil, w.pos.Generation, 10)},
 				rows:   1, seq: d.Seq, txn: txn.LSN})
 	} else if txn.LSN != w.chunk.txn.LSN || b.Chunk.Index != w.chunk.next {
 		return w.gap(d, fmt.Sprintf("chunk %d of transaction %s arrived while chunk %d of transaction %s was expected",
@@ -495,7 +528,10 @@ func (w *applier) heartbeat(ctx context.Context, d *change.Delivery) error {
 	if !fresh && (b.Origin != w.head.Origin || b.Epoch != w.head.Epoch) {
 		return nil // a new epoch begins; its transactions will say more
 	}
-	if hb.LastLSN != 0 && hb.LastLSN != w.head.LSN {
+	if fresh && hb.LastLSN != 0 {
+		return w.notSeeded(d, hb.LastLSN)
+	}
+	if hb.LastLSN > w.head.LSN {
 		err := &GapError{Stream: w.cfg.Stream, Seq: d.Seq, Applied: w.head.Position.String(),
 			Prev: change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: hb.LastLSN}.String()}
 		if perr := w.commitPrefix(ctx); perr != nil {
@@ -548,9 +584,10 @@ func (w *applier) advanceStmt(seq uint64) stmt {
 		ct = []byte(w.head.CommitTime.Format(time.RFC3339Nano))
 	}
 	return stmt{
-		sql: "SELECT xdcr.advance($1, $2, $3::pg_lsn, $4, $5, $6, $7::pg_lsn, $8::timestamptz, $9, $10)",
+		sql: "SELECT xdcr.advance($1, $2, $3::pg_lsn, $4, $5, $6, $7, $8::pg_lsn, $9::timestamptz, $10, $11)",
 		params: [][]byte{
 			[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq),
+			strconv.AppendInt(nil, w.pos.Generation, 10),
 			[]byte(w.head.Origin), itoa(w.head.Epoch), []byte(w.head.LSN.String()), ct,
 			[]byte(w.cfg.Stream), itoa(seq),
 		},
@@ -672,7 +709,13 @@ func (w *applier) queueTxn(ctx context.Context, seq uint64, txn *change.Txn) err
 	}
 	w.changes += len(txn.Changes)
 	for i := range txn.Changes {
-		c := &txn.Changes[i]
+		c, err := w.synced(&txn.Changes[i], txn.LSN)
+		if err != nil {
+			return err
+		}
+		if c == nil {
+			continue // in a table's copy already
+		}
 		s, err := w.statement(ctx, c)
 		if err != nil {
 			var schema *SchemaError
@@ -685,6 +728,58 @@ func (w *applier) queueTxn(ctx context.Context, seq uint64, txn *change.Txn) err
 		w.queued = append(w.queued, s)
 	}
 	return w.queueInvalidations(seq, txn)
+}
+
+// synced filters a change through the copy states of its tables: it
+// returns nil for a change that a table's copy already holds, and a
+// SyncingError while a table is being copied.
+func (w *applier) synced(c *change.Change, lsn change.LSN) (*change.Change, error) {
+	if len(w.syncs) == 0 {
+		return c, nil
+	}
+	keep := func(r *change.Relation) (bool, error) {
+		ts, ok := w.syncs[r.String()]
+		switch {
+		case !ok:
+			return true, nil
+		case ts.Copying:
+			return false, w.syncingError()
+		}
+		return lsn >= ts.LSN, nil
+	}
+	if c.Op != change.Truncate {
+		ok, err := keep(c.Rel)
+		if err != nil || !ok {
+			return nil, err
+		}
+		return c, nil
+	}
+	out := *c
+	out.Truncated = nil
+	for _, r := range c.Truncated {
+		ok, err := keep(r)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			out.Truncated = append(out.Truncated, r)
+		}
+	}
+	if len(out.Truncated) == 0 {
+		return nil, nil
+	}
+	return &out, nil
+}
+
+func (w *applier) syncingError() error {
+	e := &SyncingError{Site: w.cfg.Site}
+	for _, ts := range w.syncs {
+		if ts.Copying {
+			e.Tables = append(e.Tables, ts)
+		}
+	}
+	slices.SortFunc(e.Tables, func(a, b TableSync) int { return strings.Compare(a.Table, b.Table) })
+	return e
 }
 
 // queueInvalidations writes what txn makes stale in the site's caches into

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"time"
 )
 
@@ -14,6 +15,7 @@ const (
 	StateStreaming    = "streaming"
 	StateReconnecting = "reconnecting"
 	StatePaused       = "paused"
+	StateSyncing      = "syncing"
 )
 
 // ErrSlotLost means the replication slot vanished or was invalidated after
@@ -70,6 +72,28 @@ func (e *GapError) Error() string {
 	return fmt.Sprintf("stream %s seq %d: transaction follows %s but the replica has applied up to %s: "+
 		"a transaction is missing from the stream; fix: find out how the stream lost messages (`nats stream info %s`), "+
 		"then re-seed this site with `xdcr sync`", e.Stream, e.Seq, e.Prev, e.Applied, e.Stream)
+}
+
+// SyncingError says apply waits while `xdcr sync` copies tables of the
+// site. It is not a failure: apply resumes once the copy is done.
+type SyncingError struct {
+	Site   string
+	Tables []TableSync // the tables being copied, with their progress
+}
+
+func (e *SyncingError) Error() string {
+	var parts []string
+	var done, total int64
+	for _, t := range e.Tables {
+		parts = append(parts, t.Table)
+		done += t.RowsDone
+		total += t.RowsTotal
+	}
+	s := fmt.Sprintf("waiting for xdcr sync to copy %s into site %s", strings.Join(parts, ", "), e.Site)
+	if total > 0 {
+		s += fmt.Sprintf(" (%d of about %d rows, %d%%)", done, total, min(100, 100*done/total))
+	}
+	return s
 }
 
 type backoff struct {

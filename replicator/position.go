@@ -11,8 +11,13 @@ import (
 )
 
 // applySchema is the replica-side bookkeeping: one row per cluster holding
-// the applied position, the function that moves it, and the outbox of
-// cache invalidations written in the same transactions as the data. The function fails
+// the applied position, the function that moves it, the state of tables
+// that `xdcr sync` copies, and the outbox of cache invalidations written in
+// the same transactions as the data.
+//
+// generation changes whenever `xdcr sync` changes what apply must do (a
+// table starts or finishes copying, the position is replaced): advance
+// then fails, and apply re-reads everything. The function fails
 // the surrounding transaction when the row is not where the caller thinks,
 // so two agents applying to one site can never both commit the same change.
 const applySchema = `
@@ -25,7 +30,19 @@ CREATE TABLE IF NOT EXISTS xdcr.apply_position (
 	commit_time timestamptz,
 	stream      text        NOT NULL,
 	stream_seq  bigint      NOT NULL,
+	generation  bigint      NOT NULL DEFAULT 0,
 	applied_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS xdcr.table_sync (
+	cluster    text        NOT NULL,
+	tbl        text        NOT NULL,
+	state      text        NOT NULL CHECK (state IN ('copying', 'ready')),
+	lsn        pg_lsn,
+	rows_done  bigint      NOT NULL DEFAULT 0,
+	rows_total bigint      NOT NULL DEFAULT 0,
+	bytes_done bigint      NOT NULL DEFAULT 0,
+	updated_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (cluster, tbl)
 );
 CREATE TABLE IF NOT EXISTS xdcr.cache_outbox (
 	id          bigserial PRIMARY KEY,
@@ -36,7 +53,7 @@ CREATE TABLE IF NOT EXISTS xdcr.cache_outbox (
 	created_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE OR REPLACE FUNCTION xdcr.advance(
-	p_cluster text, p_old_epoch bigint, p_old_lsn pg_lsn, p_old_seq bigint,
+	p_cluster text, p_old_epoch bigint, p_old_lsn pg_lsn, p_old_seq bigint, p_gen bigint,
 	p_origin text, p_epoch bigint, p_lsn pg_lsn, p_commit_time timestamptz,
 	p_stream text, p_seq bigint) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -44,18 +61,19 @@ BEGIN
 	UPDATE xdcr.apply_position
 	   SET origin = p_origin, epoch = p_epoch, lsn = p_lsn, commit_time = p_commit_time,
 	       stream = p_stream, stream_seq = p_seq, applied_at = clock_timestamp()
-	 WHERE cluster = p_cluster AND epoch = p_old_epoch AND lsn = p_old_lsn AND stream_seq = p_old_seq;
+	 WHERE cluster = p_cluster AND epoch = p_old_epoch AND lsn = p_old_lsn AND stream_seq = p_old_seq
+	   AND generation = p_gen;
 	IF NOT FOUND THEN
-		RAISE EXCEPTION 'xdcr: applied position of cluster % is no longer epoch % lsn % seq %',
-			p_cluster, p_old_epoch, p_old_lsn, p_old_seq USING ERRCODE = 'XD001';
+		RAISE EXCEPTION 'xdcr: applied position of cluster % is no longer epoch % lsn % seq % generation %',
+			p_cluster, p_old_epoch, p_old_lsn, p_old_seq, p_gen USING ERRCODE = 'XD001';
 	END IF;
 END
 $$;`
 
-// ensureApplySchema creates the bookkeeping objects if they are missing. It
+// EnsureApplySchema creates the bookkeeping objects if they are missing. It
 // takes an advisory lock so that agents starting together do not race on
 // CREATE.
-func ensureApplySchema(ctx context.Context, conn *pgx.Conn) error {
+func EnsureApplySchema(ctx context.Context, conn *pgx.Conn) error {
 	tx, err := conn.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("create the xdcr schema: %w", err)
@@ -89,9 +107,9 @@ func ReadPosition(ctx context.Context, conn *pgx.Conn, cluster string) (AppliedP
 		lsn string
 		ct  *time.Time
 	)
-	err := conn.QueryRow(ctx, `SELECT origin, epoch, lsn::text, commit_time, stream, stream_seq
+	err := conn.QueryRow(ctx, `SELECT origin, epoch, lsn::text, commit_time, stream, stream_seq, generation
 		FROM xdcr.apply_position WHERE cluster = $1`, cluster).
-		Scan(&p.Origin, &p.Epoch, &lsn, &ct, &p.Stream, &p.Seq)
+		Scan(&p.Origin, &p.Epoch, &lsn, &ct, &p.Stream, &p.Seq, &p.Generation)
 	if err == pgx.ErrNoRows {
 		return AppliedPosition{}, nil
 	}
@@ -129,4 +147,43 @@ func connectApply(ctx context.Context, cfg ApplyConfig) (*pgx.Conn, error) {
 			"the apply role must be a superuser or have GRANT SET ON PARAMETER session_replication_role")
 	}
 	return conn, nil
+}
+
+// TableSync is the copy state of one table in a replica site.
+type TableSync struct {
+	Table string // schema.table
+	// Copying is set while `xdcr sync` copies the table: apply must not
+	// touch it. Once it is ready, LSN says where its copy ends: its changes
+	// committed before LSN are in the copy, those at or after it are
+	// applied from the stream.
+	Copying   bool
+	LSN       change.LSN
+	RowsDone  int64
+	RowsTotal int64
+	BytesDone int64
+}
+
+// ReadTableSyncs reads the copy state of the tables of cluster.
+func ReadTableSyncs(ctx context.Context, conn *pgx.Conn, cluster string) (map[string]TableSync, error) {
+	rows, err := conn.Query(ctx, `SELECT tbl, state, coalesce(lsn, '0/0')::text, rows_done, rows_total, bytes_done
+		FROM xdcr.table_sync WHERE cluster = $1`, cluster)
+	if err != nil {
+		return nil, fmt.Errorf("read table sync states: %w", err)
+	}
+	out := make(map[string]TableSync)
+	for rows.Next() {
+		var (
+			ts        TableSync
+			state, at string
+		)
+		if err := rows.Scan(&ts.Table, &state, &at, &ts.RowsDone, &ts.RowsTotal, &ts.BytesDone); err != nil {
+			return nil, fmt.Errorf("read table sync states: %w", err)
+		}
+		ts.Copying = state == "copying"
+		if ts.LSN, err = change.ParseLSN(at); err != nil {
+			return nil, err
+		}
+		out[ts.Table] = ts
+	}
+	return out, rows.Err()
 }

@@ -116,7 +116,7 @@ exactly once and in commit order, to the site's own PostgreSQL.`,
 	root.SetErr(stderr)
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "auto", "log format: auto (text on a terminal, else json), json, text")
-	root.AddCommand(newAgentCmd(g), newLagCmd(g), newDevCmd(g), newDemoCmd(g))
+	root.AddCommand(newAgentCmd(g), newLagCmd(g), newSyncCmd(g), newDevCmd(g), newDemoCmd(g))
 	return root
 }
 

@@ -22,6 +22,10 @@ type metrics struct {
 	applyBatch    prometheus.Histogram
 	errors        *prometheus.CounterVec
 	retainedWAL   prometheus.Gauge
+	syncRunning   prometheus.Gauge
+	syncRows      *prometheus.GaugeVec
+	syncRowsTotal *prometheus.GaugeVec
+	syncBytes     *prometheus.GaugeVec
 }
 
 func newMetrics(version string) *metrics {
@@ -58,6 +62,22 @@ func newMetrics(version string) *metrics {
 			Help: "WAL the replication slot keeps on the primary (pg_current_wal_lsn() - restart_lsn).",
 		}),
 	}
+	m.syncRunning = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "xdcr_sync_running",
+		Help: "1 while xdcr sync copies tables into this site (apply waits).",
+	})
+	m.syncRows = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "xdcr_sync_rows",
+		Help: "Rows xdcr sync has copied into a table of this site.",
+	}, []string{"table"})
+	m.syncRowsTotal = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "xdcr_sync_rows_estimated",
+		Help: "Rows xdcr sync expects to copy into a table (the primary's estimate).",
+	}, []string{"table"})
+	m.syncBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "xdcr_sync_bytes",
+		Help: "Bytes xdcr sync has copied into a table of this site.",
+	}, []string{"table"})
 	build := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "xdcr_build_info",
 		Help:        "The running xdcr version.",
@@ -65,7 +85,7 @@ func newMetrics(version string) *metrics {
 	})
 	build.Set(1)
 	r.MustRegister(m.publishedTxns, m.publishedRows, m.appliedTxns, m.appliedRows, m.applyBatch, m.errors,
-		m.retainedWAL, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		m.retainedWAL, m.syncRunning, m.syncRows, m.syncRowsTotal, m.syncBytes, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, k := range []string{"schema", "gap", "malformed", "slot", "permanent", "transient"} {
 		m.errors.WithLabelValues(k)
 	}
@@ -92,6 +112,21 @@ func errorKind(err error) string {
 		return "permanent"
 	}
 	return "transient"
+}
+
+// observeSync shows the progress of a sync the apply waits for; a nil
+// error means no sync runs.
+func (m *metrics) observeSync(e *replicator.SyncingError) {
+	if e == nil {
+		m.syncRunning.Set(0)
+		return
+	}
+	m.syncRunning.Set(1)
+	for _, t := range e.Tables {
+		m.syncRows.WithLabelValues(t.Table).Set(float64(t.RowsDone))
+		m.syncRowsTotal.WithLabelValues(t.Table).Set(float64(t.RowsTotal))
+		m.syncBytes.WithLabelValues(t.Table).Set(float64(t.BytesDone))
+	}
 }
 
 func (m *metrics) observeApply(p replicator.ApplyProgress) {

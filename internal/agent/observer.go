@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"errors"
+
 	"github.com/xdcr/xdcr/replicator"
 )
 
@@ -12,6 +14,12 @@ var _ replicator.Observer = (*observer)(nil)
 
 func (o *observer) State(state string, err error) {
 	o.a.setPipeline(func(p *pipelineState) { p.state, p.err = state, err })
+	var syncing *replicator.SyncingError
+	if errors.As(err, &syncing) {
+		o.a.metrics.observeSync(syncing)
+		return
+	}
+	o.a.metrics.observeSync(nil)
 	if err != nil {
 		o.a.metrics.errors.WithLabelValues(errorKind(err)).Inc()
 	}

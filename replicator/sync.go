@@ -1,0 +1,607 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+// SyncConfig describes one copy of tables from the primary into a replica
+// site (`xdcr sync`).
+type SyncConfig struct {
+	Cluster   string
+	Site      string // the site copied into
+	SourceDSN string // the primary's database
+	TargetDSN string // the site's database
+	// Origin and Epoch name the primary's history the site continues with.
+	Origin string
+	Epoch  uint64
+	// Stream is the site's local stream of the primary's changes.
+	Stream string
+	// StreamPosition returns the last sequence of Stream in the site. It is
+	// called before the copy's snapshot is taken, so every message up to it
+	// holds only transactions the copy includes; apply starts after it.
+	StreamPosition func(ctx context.Context) (uint64, error)
+	// Tables are the tables to copy.
+	Tables []Table
+	// Partial copies only Tables into a site that streams the others (a
+	// table added to a running cluster): the site's position is kept, and
+	// apply skips the copied tables' changes that the copy holds.
+	Partial bool
+	// Parallel is the number of copy workers; 0 means 4.
+	Parallel int
+	// ChunkRows splits tables with a single integer primary key into key
+	// ranges of about this many rows; 0 means 250,000.
+	ChunkRows int64
+}
+
+// SyncProgress receives a sync's progress. Its methods may be called from
+// several goroutines at once.
+type SyncProgress interface {
+	// Start announces a table and its estimated size (0 when unknown).
+	Start(table string, rows, bytes int64)
+	// Copied adds rows and bytes copied into a table.
+	Copied(table string, rows, bytes int64)
+	// Finish says a table is complete, with its exact row count.
+	Finish(table string, rows int64)
+}
+
+// SyncResult is what a sync did.
+type SyncResult struct {
+	// LSN is where the copy ends: the site applies the primary's
+	// transactions committed at or after it.
+	LSN       change.LSN
+	StreamSeq uint64 // apply starts after this stream sequence
+	Tables    []TableCopy
+}
+
+// TableCopy is one table's share of a sync.
+type TableCopy struct {
+	Table    string
+	Created  bool
+	Rows     int64
+	Bytes    int64
+	Duration time.Duration
+}
+
+// SchemaMismatchError lists how tables that exist in the site differ from
+// the primary's; a sync refuses to touch them.
+type SchemaMismatchError struct {
+	Site   string
+	Tables map[string][]SchemaDiff
+}
+
+func (e *SchemaMismatchError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d table(s) on site %s differ from the primary's; fix them first:", len(e.Tables), e.Site)
+	for _, t := range sortedKeys(e.Tables) {
+		for _, d := range e.Tables[t] {
+			col := ""
+			if d.Column != "" {
+				col = " column " + d.Column
+			}
+			fmt.Fprintf(&b, "\n  %s%s %s\n    fix: %s", t, col, d.Problem, d.Fix)
+		}
+	}
+	return b.String()
+}
+
+// Sync copies tables from the primary into a site so that the site's apply
+// continues from exactly the copied state:
+//
+//  1. The tables are checked (created when missing, refused when they
+//     differ), marked as being copied — apply stops touching them — and
+//     emptied.
+//  2. A temporary logical slot is created with an exported snapshot: the
+//     snapshot holds exactly the transactions that commit before the slot's
+//     consistent point C, and the change stream holds all of them (it is
+//     fed by the capture's own slot) with their commit LSNs.
+//  3. Workers import that snapshot and copy the tables with binary COPY,
+//     large ones in primary key ranges, in parallel.
+//  4. One transaction marks the tables ready at C and, for a full sync,
+//     sets the site's position to C-1 in the primary's epoch: apply then
+//     skips the transactions the copy holds and applies every later one.
+//
+// An interrupted sync leaves the tables marked as being copied (apply waits)
+// and is simply run again: it starts over.
+func Sync(ctx context.Context, cfg SyncConfig, progress SyncProgress, log *slog.Logger) (SyncResult, error) {
+	if cfg.Parallel <= 0 {
+		cfg.Parallel = 4
+	}
+	if cfg.ChunkRows <= 0 {
+		cfg.ChunkRows = 250_000
+	}
+	s := &syncRun{cfg: cfg, progress: progress, log: log.With("component", "sync", "site", cfg.Site)}
+	defer s.close(ctx)
+	return s.run(ctx)
+}
+
+type syncRun struct {
+	cfg      SyncConfig
+	progress SyncProgress
+	log      *slog.Logger
+
+	srcMeta, tgt, tgtMeta *pgx.Conn
+	plans                 []*tablePlan
+}
+
+type tablePlan struct {
+	def      *TableDef
+	create   bool
+	rows     int64 // estimated
+	bytes    int64
+	chunks   []keyRange
+	textCopy bool // a type whose binary form names OIDs: copy as text
+	copied   struct {
+		sync.Mutex
+		rows, bytes int64
+		left        int
+	}
+	started  time.Time
+	finished time.Time
+}
+
+// keyRange is [lo, hi) of a single integer key; nil bounds are open.
+type keyRange struct{ lo, hi *int64 }
+
+func (s *syncRun) close(ctx context.Context) {
+	for _, c := range []*pgx.Conn{s.srcMeta, s.tgt, s.tgtMeta} {
+		if c != nil {
+			c.Close(context.WithoutCancel(ctx))
+		}
+	}
+}
+
+func (s *syncRun) run(ctx context.Context) (SyncResult, error) {
+	var err error
+	if s.srcMeta, err = connectMeta(ctx, s.cfg.SourceDSN); err != nil {
+		return SyncResult{}, fmt.Errorf("primary: %w", err)
+	}
+	if s.tgtMeta, err = connectMeta(ctx, s.cfg.TargetDSN); err != nil {
+		return SyncResult{}, fmt.Errorf("site %s: %w", s.cfg.Site, err)
+	}
+	if s.tgt, err = connectApply(ctx, ApplyConfig{Site: s.cfg.Site, DSN: s.cfg.TargetDSN}); err != nil {
+		return SyncResult{}, fmt.Errorf("site %s: %w", s.cfg.Site, err)
+	}
+	if err := EnsureApplySchema(ctx, s.tgt); err != nil {
+		return SyncResult{}, err
+	}
+	if err := s.plan(ctx); err != nil {
+		return SyncResult{}, err
+	}
+	if err := s.markCopying(ctx); err != nil {
+		return SyncResult{}, err
+	}
+	seq, err := s.cfg.StreamPosition(ctx)
+	if err != nil {
+		return SyncResult{}, fmt.Errorf("read the end of site %s's stream: %w", s.cfg.Site, err)
+	}
+	lsn, err := s.copyAll(ctx)
+	if err != nil {
+		return SyncResult{}, err
+	}
+	if err := s.finish(ctx, lsn, seq); err != nil {
+		return SyncResult{}, err
+	}
+	res := SyncResult{LSN: lsn, StreamSeq: seq}
+	for _, p := range s.plans {
+		res.Tables = append(res.Tables, TableCopy{Table: p.def.Table.String(), Created: p.create,
+			Rows: p.copied.rows, Bytes: p.copied.bytes, Duration: p.finished.Sub(p.started)})
+	}
+	return res, nil
+}
+
+// plan reads every table's definition on both sides and decides what to
+// create; it refuses tables that differ.
+func (s *syncRun) plan(ctx context.Context) error {
+	mismatch := &SchemaMismatchError{Site: s.cfg.Site, Tables: map[string][]SchemaDiff{}}
+	var problems []error
+	for _, t := range s.cfg.Tables {
+		if err := checkIdentity(ctx, s.srcMeta, t); err != nil {
+			problems = append(problems, err)
+			continue
+		}
+		src, ok, err := ReadTableDef(ctx, s.srcMeta, t)
+		if err != nil {
+			return fmt.Errorf("primary: %w", err)
+		}
+		if !ok {
+			problems = append(problems, fmt.Errorf("table %s does not exist on the primary", t))
+			continue
+		}
+		dst, exists, err := ReadTableDef(ctx, s.tgtMeta, t)
+		if err != nil {
+			return fmt.Errorf("site %s: %w", s.cfg.Site, err)
+		}
+		if exists {
+			if diffs := dst.Diff(src, s.cfg.Site); len(diffs) > 0 {
+				mismatch.Tables[t.String()] = diffs
+			}
+		}
+		p := &tablePlan{def: src, create: !exists}
+		for _, c := range src.Columns {
+			if !strings.HasPrefix(c.Type, "pg_catalog.") && strings.Contains(c.Type, ".") {
+				p.textCopy = true
+			}
+		}
+		if err := s.srcMeta.QueryRow(ctx, `SELECT greatest(reltuples, 0)::bigint, pg_relation_size(oid)
+			FROM pg_class WHERE oid = to_regclass($1)`, t.Quoted()).Scan(&p.rows, &p.bytes); err != nil {
+			return fmt.Errorf("primary: size of %s: %w", t, err)
+		}
+		s.plans = append(s.plans, p)
+	}
+	if len(problems) > 0 {
+		return errors.Join(problems...)
+	}
+	if len(mismatch.Tables) > 0 {
+		return mismatch
+	}
+	return nil
+}
+
+// markCopying makes apply stop touching the tables, creates the missing
+// ones and empties the others, in one transaction.
+func (s *syncRun) markCopying(ctx context.Context) error {
+	return pgx.BeginFunc(ctx, s.tgt, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO xdcr.apply_position (cluster, origin, epoch, lsn, stream, stream_seq)
+			VALUES ($1, '', 0, '0/0', '', 0) ON CONFLICT (cluster) DO NOTHING`, s.cfg.Cluster); err != nil {
+			return fmt.Errorf("site %s: %w", s.cfg.Site, err)
+		}
+		var truncate []string
+		for _, p := range s.plans {
+			t := p.def.Table
+			if _, err := tx.Exec(ctx, `INSERT INTO xdcr.table_sync (cluster, tbl, state, rows_total)
+				VALUES ($1, $2, 'copying', $3)
+				ON CONFLICT (cluster, tbl) DO UPDATE SET state = 'copying', lsn = NULL, rows_done = 0,
+					bytes_done = 0, rows_total = $3, updated_at = now()`, s.cfg.Cluster, t.String(), p.rows); err != nil {
+				return fmt.Errorf("site %s: mark %s as being copied: %w", s.cfg.Site, t, err)
+			}
+			if !p.create {
+				truncate = append(truncate, t.Quoted())
+				continue
+			}
+			before, _ := p.def.CreateStatements()
+			for _, ddl := range before {
+				if _, err := tx.Exec(ctx, ddl); err != nil {
+					return fmt.Errorf("site %s: create %s: %s: %w", s.cfg.Site, t, firstLine(ddl), err)
+				}
+			}
+			s.log.Info("created table", "table", t.String())
+		}
+		if len(truncate) > 0 {
+			if _, err := tx.Exec(ctx, "TRUNCATE ONLY "+strings.Join(truncate, ", ")); err != nil {
+				return fmt.Errorf("site %s: empty the tables before the copy: %w", s.cfg.Site, err)
+			}
+		}
+		_, err := tx.Exec(ctx, `UPDATE xdcr.apply_position SET generation = generation + 1 WHERE cluster = $1`, s.cfg.Cluster)
+		return err
+	})
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i] + " …"
+	}
+	return s
+}
+
+// copyAll takes the snapshot and copies every table; it returns the LSN
+// where the copy ends.
+func (s *syncRun) copyAll(ctx context.Context) (change.LSN, error) {
+	repl, err := connectReplication(ctx, s.cfg.SourceDSN)
+	if err != nil {
+		return 0, fmt.Errorf("primary: %w", err)
+	}
+	slot := fmt.Sprintf("xdcr_sync_%s_%08x", strings.ReplaceAll(s.cfg.Site, "-", "_"), rand.Uint32())
+	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	if err != nil {
+		repl.Close(context.WithoutCancel(ctx))
+		return 0, fmt.Errorf("primary: create a temporary slot with an exported snapshot: %w", err)
+	}
+	lsn, err := change.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		repl.Close(context.WithoutCancel(ctx))
+		return 0, err
+	}
+	s.log.Info("copy snapshot taken", "lsn", lsn, "snapshot", res.SnapshotName)
+
+	// every worker imports the snapshot while the slot's connection holds it
+	workers := make([]*copyWorker, s.cfg.Parallel)
+	defer func() {
+		for _, w := range workers {
+			if w != nil {
+				w.close(ctx)
+			}
+		}
+	}()
+	for i := range workers {
+		w, err := s.newWorker(ctx, res.SnapshotName)
+		if err != nil {
+			repl.Close(context.WithoutCancel(ctx))
+			return 0, err
+		}
+		workers[i] = w
+	}
+	// the snapshot lives on in the workers' transactions; the slot can go
+	repl.Close(context.WithoutCancel(ctx))
+
+	tasks, err := s.tasks(ctx, workers[0])
+	if err != nil {
+		return 0, err
+	}
+	ch := make(chan copyTask)
+	errc := make(chan error, len(workers))
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for t := range ch {
+				if err := s.copyTask(wctx, w, t); err != nil {
+					errc <- err
+					cancel()
+					return
+				}
+			}
+		}()
+	}
+feed:
+	for _, t := range tasks {
+		select {
+		case ch <- t:
+		case <-wctx.Done():
+			break feed
+		}
+	}
+	close(ch)
+	wg.Wait()
+	close(errc)
+	if err := <-errc; err != nil {
+		return 0, err
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	return lsn, nil
+}
+
+type copyWorker struct {
+	src, dst *pgx.Conn
+}
+
+func (w *copyWorker) close(ctx context.Context) {
+	w.src.Close(context.WithoutCancel(ctx))
+	w.dst.Close(context.WithoutCancel(ctx))
+}
+
+func (s *syncRun) newWorker(ctx context.Context, snapshot string) (*copyWorker, error) {
+	src, err := connectMeta(ctx, s.cfg.SourceDSN)
+	if err != nil {
+		return nil, fmt.Errorf("primary: %w", err)
+	}
+	if _, err := src.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"); err != nil {
+		src.Close(ctx)
+		return nil, fmt.Errorf("primary: %w", err)
+	}
+	if _, err := src.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(snapshot)); err != nil {
+		src.Close(ctx)
+		return nil, fmt.Errorf("primary: import the copy snapshot: %w", err)
+	}
+	dst, err := connectApply(ctx, ApplyConfig{Site: s.cfg.Site, DSN: s.cfg.TargetDSN})
+	if err != nil {
+		src.Close(ctx)
+		return nil, fmt.Errorf("site %s: %w", s.cfg.Site, err)
+	}
+	return &copyWorker{src: src, dst: dst}, nil
+}
+
+type copyTask struct {
+	plan *tablePlan
+	rng  keyRange
+}
+
+// tasks splits the tables: one task per table, or per key range for large
+// tables with a single integer primary key.
+func (s *syncRun) tasks(ctx context.Context, w *copyWorker) ([]copyTask, error) {
+	var tasks []copyTask
+	for _, p := range s.plans {
+		p.started = time.Now()
+		if p.rows == 0 && p.bytes > 0 {
+			// never analyzed: count in the snapshot, to size the work
+			if err := w.src.QueryRow(ctx, "SELECT count(*) FROM "+p.def.Table.Quoted()).Scan(&p.rows); err != nil {
+				return nil, fmt.Errorf("primary: count %s: %w", p.def.Table, err)
+			}
+		}
+		s.progress.Start(p.def.Table.String(), p.rows, p.bytes)
+		ranges := []keyRange{{}}
+		if p.rows > s.cfg.ChunkRows && len(p.def.PrimaryKey) == 1 && s.integerKey(p) {
+			var lo, hi *int64
+			key := pgx.Identifier{p.def.PrimaryKey[0]}.Sanitize()
+			if err := w.src.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s", key, key, p.def.Table.Quoted())).
+				Scan(&lo, &hi); err != nil {
+				return nil, fmt.Errorf("primary: key range of %s: %w", p.def.Table, err)
+			}
+			if lo != nil && hi != nil {
+				ranges = splitRange(*lo, *hi, (p.rows+s.cfg.ChunkRows-1)/s.cfg.ChunkRows)
+			}
+		}
+		p.chunks = ranges
+		p.copied.left = len(ranges)
+		for _, r := range ranges {
+			tasks = append(tasks, copyTask{plan: p, rng: r})
+		}
+	}
+	return tasks, nil
+}
+
+func (s *syncRun) integerKey(p *tablePlan) bool {
+	for _, c := range p.def.Columns {
+		if c.Name == p.def.PrimaryKey[0] {
+			switch c.Type {
+			case "smallint", "integer", "bigint":
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// splitRange cuts [lo, hi] into n ranges, the first and last open-ended.
+func splitRange(lo, hi, n int64) []keyRange {
+	if n <= 1 || hi <= lo {
+		return []keyRange{{}}
+	}
+	step := (hi - lo) / n
+	if step < 1 {
+		step = 1
+	}
+	var out []keyRange
+	var prev *int64
+	for b := lo + step; b <= hi && int64(len(out)) < n-1; b += step {
+		bound := b
+		out = append(out, keyRange{lo: prev, hi: &bound})
+		prev = &bound
+	}
+	return append(out, keyRange{lo: prev})
+}
+
+// copyTask copies one table or key range with COPY … TO STDOUT on the
+// primary piped into COPY … FROM STDIN on the site.
+func (s *syncRun) copyTask(ctx context.Context, w *copyWorker, t copyTask) error {
+	p := t.plan
+	tbl := p.def.Table
+	cols := make([]string, 0, len(p.def.Columns))
+	for _, c := range p.def.CopyColumns() {
+		cols = append(cols, pgx.Identifier{c}.Sanitize())
+	}
+	list := strings.Join(cols, ", ")
+	format := "binary"
+	if p.textCopy {
+		format = "text"
+	}
+	src := fmt.Sprintf("COPY %s (%s) TO STDOUT (FORMAT %s)", tbl.Quoted(), list, format)
+	if t.rng.lo != nil || t.rng.hi != nil {
+		key := pgx.Identifier{p.def.PrimaryKey[0]}.Sanitize()
+		var where []string
+		if t.rng.lo != nil {
+			where = append(where, fmt.Sprintf("%s >= %d", key, *t.rng.lo))
+		}
+		if t.rng.hi != nil {
+			where = append(where, fmt.Sprintf("%s < %d", key, *t.rng.hi))
+		}
+		src = fmt.Sprintf("COPY (SELECT %s FROM %s WHERE %s) TO STDOUT (FORMAT %s)", list, tbl.Quoted(), strings.Join(where, " AND "), format)
+	}
+	dst := fmt.Sprintf("COPY %s (%s) FROM STDIN (FORMAT %s)", tbl.Quoted(), list, format)
+
+	pr, pw := io.Pipe()
+	counter := &countingWriter{w: pw, report: func(n int64) { s.progress.Copied(tbl.String(), 0, n) }}
+	done := make(chan error, 1)
+	go func() {
+		_, err := w.src.PgConn().CopyTo(ctx, counter, src)
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	tag, err := w.dst.PgConn().CopyFrom(ctx, pr, dst)
+	pr.CloseWithError(errors.New("copy into the site ended"))
+	srcErr := <-done
+	switch {
+	case srcErr != nil:
+		return fmt.Errorf("primary: copy out of %s: %w", tbl, srcErr)
+	case err != nil:
+		return fmt.Errorf("site %s: copy into %s: %w", s.cfg.Site, tbl, err)
+	}
+	rows := tag.RowsAffected()
+	s.progress.Copied(tbl.String(), rows, 0)
+
+	p.copied.Lock()
+	p.copied.rows += rows
+	p.copied.bytes += counter.n
+	p.copied.left--
+	last, total, bytes := p.copied.left == 0, p.copied.rows, p.copied.bytes
+	p.copied.Unlock()
+	if _, err := w.dst.Exec(ctx, `UPDATE xdcr.table_sync SET rows_done = rows_done + $3, bytes_done = bytes_done + $4,
+		updated_at = now() WHERE cluster = $1 AND tbl = $2`, s.cfg.Cluster, tbl.String(), rows, counter.n); err != nil {
+		return fmt.Errorf("site %s: record progress: %w", s.cfg.Site, err)
+	}
+	if !last {
+		return nil
+	}
+	// the whole table is in: keys and indexes now, built once
+	if p.create {
+		_, after := p.def.CreateStatements()
+		for _, ddl := range after {
+			if _, err := w.dst.Exec(ctx, ddl); err != nil {
+				return fmt.Errorf("site %s: %s: %w", s.cfg.Site, firstLine(ddl), err)
+			}
+		}
+	}
+	if _, err := w.dst.Exec(ctx, "ANALYZE "+tbl.Quoted()); err != nil {
+		return fmt.Errorf("site %s: analyze %s: %w", s.cfg.Site, tbl, err)
+	}
+	p.finished = time.Now()
+	s.progress.Finish(tbl.String(), total)
+	s.log.Info("table copied", "table", tbl.String(), "rows", total, "bytes", bytes, "duration", time.Since(p.started).Round(time.Millisecond))
+	return nil
+}
+
+type countingWriter struct {
+	w      io.Writer
+	n      int64
+	report func(int64)
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.n += int64(n)
+	c.report(int64(n))
+	return n, err
+}
+
+// finish hands the tables over to apply in one transaction.
+func (s *syncRun) finish(ctx context.Context, lsn change.LSN, seq uint64) error {
+	return pgx.BeginFunc(ctx, s.tgt, func(tx pgx.Tx) error {
+		for _, p := range s.plans {
+			if _, err := tx.Exec(ctx, `UPDATE xdcr.table_sync SET state = 'ready', lsn = $3::pg_lsn, updated_at = now()
+				WHERE cluster = $1 AND tbl = $2`, s.cfg.Cluster, p.def.Table.String(), lsn.String()); err != nil {
+				return fmt.Errorf("site %s: mark %s ready: %w", s.cfg.Site, p.def.Table, err)
+			}
+		}
+		if s.cfg.Partial {
+			_, err := tx.Exec(ctx, `UPDATE xdcr.apply_position SET generation = generation + 1 WHERE cluster = $1`, s.cfg.Cluster)
+			return err
+		}
+		// every transaction committed before lsn is in the copy
+		_, err := tx.Exec(ctx, `UPDATE xdcr.apply_position
+			SET origin = $2, epoch = $3, lsn = $4::pg_lsn, commit_time = NULL, stream = $5, stream_seq = $6,
+			    generation = generation + 1, applied_at = now()
+			WHERE cluster = $1`, s.cfg.Cluster, s.cfg.Origin, s.cfg.Epoch, (lsn - 1).String(), s.cfg.Stream, seq)
+		if err != nil {
+			return fmt.Errorf("site %s: set the position where the copy ends: %w", s.cfg.Site, err)
+		}
+		return nil
+	})
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
