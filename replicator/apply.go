@@ -363,6 +363,7 @@ func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 			Position:   change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.LSN},
 			CommitTime: txn.CommitTime,
 			Stream:     w.cfg.Stream,
+			Generation: w.pos.Generation,
 		}
 		w.prefix = w.head
 		w.txns++
@@ -443,7 +444,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 			stmt{sql: "SELECT 1 FROM xdcr.apply_position WHERE cluster = $1 AND epoch = $2 AND lsn = $3::pg_lsn AND stream_seq = $4 AND generation = $5 FOR UPDATE",
 				params: [][]byte{[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq),
 					strconv.AppendInt(nil, w.pos.Generation, 10)},
-				rows:   1, seq: d.Seq, txn: txn.LSN})
+				rows: 1, seq: d.Seq, txn: txn.LSN})
 	} else if txn.LSN != w.chunk.txn.LSN || b.Chunk.Index != w.chunk.next {
 		return w.gap(d, fmt.Sprintf("chunk %d of transaction %s arrived while chunk %d of transaction %s was expected",
 			b.Chunk.Index, txn.LSN, w.chunk.next, w.chunk.txn.LSN))
@@ -458,6 +459,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 			CommitTime: txn.CommitTime,
 			Stream:     w.cfg.Stream,
 			Seq:        d.Seq,
+			Generation: w.pos.Generation,
 		}
 		w.lastSeq = d.Seq
 		w.queued = append(w.queued, w.advanceStmt(d.Seq), stmt{sql: "COMMIT", rows: -1, seq: d.Seq, txn: txn.LSN})

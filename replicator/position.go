@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS xdcr.table_sync (
 	rows_done  bigint      NOT NULL DEFAULT 0,
 	rows_total bigint      NOT NULL DEFAULT 0,
 	bytes_done bigint      NOT NULL DEFAULT 0,
+	created    boolean     NOT NULL DEFAULT false,
 	updated_at timestamptz NOT NULL DEFAULT now(),
 	PRIMARY KEY (cluster, tbl)
 );
@@ -157,6 +158,7 @@ type TableSync struct {
 	// committed before LSN are in the copy, those at or after it are
 	// applied from the stream.
 	Copying   bool
+	Created   bool // the sync created the table (and may drop it to start over)
 	LSN       change.LSN
 	RowsDone  int64
 	RowsTotal int64
@@ -165,7 +167,7 @@ type TableSync struct {
 
 // ReadTableSyncs reads the copy state of the tables of cluster.
 func ReadTableSyncs(ctx context.Context, conn *pgx.Conn, cluster string) (map[string]TableSync, error) {
-	rows, err := conn.Query(ctx, `SELECT tbl, state, coalesce(lsn, '0/0')::text, rows_done, rows_total, bytes_done
+	rows, err := conn.Query(ctx, `SELECT tbl, state, coalesce(lsn, '0/0')::text, rows_done, rows_total, bytes_done, created
 		FROM xdcr.table_sync WHERE cluster = $1`, cluster)
 	if err != nil {
 		return nil, fmt.Errorf("read table sync states: %w", err)
@@ -176,7 +178,7 @@ func ReadTableSyncs(ctx context.Context, conn *pgx.Conn, cluster string) (map[st
 			ts        TableSync
 			state, at string
 		)
-		if err := rows.Scan(&ts.Table, &state, &at, &ts.RowsDone, &ts.RowsTotal, &ts.BytesDone); err != nil {
+		if err := rows.Scan(&ts.Table, &state, &at, &ts.RowsDone, &ts.RowsTotal, &ts.BytesDone, &ts.Created); err != nil {
 			return nil, fmt.Errorf("read table sync states: %w", err)
 		}
 		ts.Copying = state == "copying"

@@ -140,6 +140,7 @@ type syncRun struct {
 type tablePlan struct {
 	def      *TableDef
 	create   bool
+	recreate bool // an interrupted sync created it: drop it and start over
 	rows     int64 // estimated
 	bytes    int64
 	chunks   []keyRange
@@ -175,10 +176,10 @@ func (s *syncRun) run(ctx context.Context) (SyncResult, error) {
 	if s.tgt, err = connectApply(ctx, ApplyConfig{Site: s.cfg.Site, DSN: s.cfg.TargetDSN}); err != nil {
 		return SyncResult{}, fmt.Errorf("site %s: %w", s.cfg.Site, err)
 	}
-	if err := EnsureApplySchema(ctx, s.tgt); err != nil {
+	if err := s.plan(ctx); err != nil {
 		return SyncResult{}, err
 	}
-	if err := s.plan(ctx); err != nil {
+	if err := s.ensureCaptured(ctx); err != nil {
 		return SyncResult{}, err
 	}
 	if err := s.markCopying(ctx); err != nil {
@@ -208,6 +209,13 @@ func (s *syncRun) run(ctx context.Context) (SyncResult, error) {
 func (s *syncRun) plan(ctx context.Context) error {
 	mismatch := &SchemaMismatchError{Site: s.cfg.Site, Tables: map[string][]SchemaDiff{}}
 	var problems []error
+	if err := EnsureApplySchema(ctx, s.tgt); err != nil {
+		return err
+	}
+	earlier, err := ReadTableSyncs(ctx, s.tgt, s.cfg.Cluster)
+	if err != nil {
+		return fmt.Errorf("site %s: %w", s.cfg.Site, err)
+	}
 	for _, t := range s.cfg.Tables {
 		if err := checkIdentity(ctx, s.srcMeta, t); err != nil {
 			problems = append(problems, err)
@@ -225,12 +233,14 @@ func (s *syncRun) plan(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("site %s: %w", s.cfg.Site, err)
 		}
-		if exists {
+		p := &tablePlan{def: src, create: !exists}
+		if e, ok := earlier[t.String()]; ok && exists && e.Copying && e.Created {
+			p.create, p.recreate = true, true
+		} else if exists {
 			if diffs := dst.Diff(src, s.cfg.Site); len(diffs) > 0 {
 				mismatch.Tables[t.String()] = diffs
 			}
 		}
-		p := &tablePlan{def: src, create: !exists}
 		for _, c := range src.Columns {
 			if !strings.HasPrefix(c.Type, "pg_catalog.") && strings.Contains(c.Type, ".") {
 				p.textCopy = true
@@ -251,6 +261,58 @@ func (s *syncRun) plan(ctx context.Context) error {
 	return nil
 }
 
+// ensureCaptured makes sure that every change committed after the copy's
+// snapshot reaches the stream: the tables are in the publication and the
+// capture's slot exists before the snapshot is taken. On a cluster whose
+// primary agent never ran, sync creates both (the agent then streams from
+// the slot); a table newly added to tables: is added to the publication
+// (the agent's next start lists exactly the config's tables).
+func (s *syncRun) ensureCaptured(ctx context.Context) error {
+	name := PublicationName(s.cfg.Cluster)
+	var exists bool
+	if err := s.srcMeta.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, name).Scan(&exists); err != nil {
+		return fmt.Errorf("primary: read publication %s: %w", name, err)
+	}
+	if !exists {
+		quoted := make([]string, len(s.plans))
+		for i, p := range s.plans {
+			quoted[i] = p.def.Table.Quoted()
+		}
+		sql := fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish_via_partition_root = true)",
+			pgx.Identifier{name}.Sanitize(), strings.Join(quoted, ", "))
+		if _, err := s.srcMeta.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("primary: create publication %s: %w", name, err)
+		}
+		s.log.Info("created the publication", "publication", name)
+	} else {
+		have, err := queryStrings(ctx, s.srcMeta, `SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1`, name)
+		if err != nil {
+			return fmt.Errorf("primary: read publication %s: %w", name, err)
+		}
+		for _, p := range s.plans {
+			if slices.Contains(have, p.def.Table.String()) {
+				continue
+			}
+			sql := fmt.Sprintf("ALTER PUBLICATION %s ADD TABLE %s", pgx.Identifier{name}.Sanitize(), p.def.Table.Quoted())
+			if _, err := s.srcMeta.Exec(ctx, sql); err != nil {
+				return fmt.Errorf("primary: add %s to publication %s: %w", p.def.Table, name, err)
+			}
+			s.log.Info("added the table to the publication", "table", p.def.Table.String(), "publication", name)
+		}
+	}
+	slot := SlotName(s.cfg.Cluster)
+	if err := s.srcMeta.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, slot).Scan(&exists); err != nil {
+		return fmt.Errorf("primary: read replication slot %s: %w", slot, err)
+	}
+	if !exists {
+		if _, err := s.srcMeta.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot); err != nil {
+			return fmt.Errorf("primary: create replication slot %s: %w", slot, err)
+		}
+		s.log.Info("created the capture's replication slot", "slot", slot)
+	}
+	return nil
+}
+
 // markCopying makes apply stop touching the tables, creates the missing
 // ones and empties the others, in one transaction.
 func (s *syncRun) markCopying(ctx context.Context) error {
@@ -262,15 +324,20 @@ func (s *syncRun) markCopying(ctx context.Context) error {
 		var truncate []string
 		for _, p := range s.plans {
 			t := p.def.Table
-			if _, err := tx.Exec(ctx, `INSERT INTO xdcr.table_sync (cluster, tbl, state, rows_total)
-				VALUES ($1, $2, 'copying', $3)
+			if _, err := tx.Exec(ctx, `INSERT INTO xdcr.table_sync (cluster, tbl, state, rows_total, created)
+				VALUES ($1, $2, 'copying', $3, $4)
 				ON CONFLICT (cluster, tbl) DO UPDATE SET state = 'copying', lsn = NULL, rows_done = 0,
-					bytes_done = 0, rows_total = $3, updated_at = now()`, s.cfg.Cluster, t.String(), p.rows); err != nil {
+					bytes_done = 0, rows_total = $3, created = $4, updated_at = now()`, s.cfg.Cluster, t.String(), p.rows, p.create); err != nil {
 				return fmt.Errorf("site %s: mark %s as being copied: %w", s.cfg.Site, t, err)
 			}
 			if !p.create {
 				truncate = append(truncate, t.Quoted())
 				continue
+			}
+			if p.recreate {
+				if _, err := tx.Exec(ctx, "DROP TABLE "+t.Quoted()); err != nil {
+					return fmt.Errorf("site %s: drop %s, left half-copied by an interrupted sync: %w", s.cfg.Site, t, err)
+				}
 			}
 			before, _ := p.def.CreateStatements()
 			for _, ddl := range before {

@@ -133,3 +133,64 @@ func TestSyncRefusesDifferingTable(t *testing.T) {
 	}
 	assertCount(t, c, site, "acct", 0)
 }
+
+// TestAddTableToRunningCluster: a table added to tables: is published once
+// the agents restart with the new config, copied into every replica with
+// `xdcr sync SITE --table T` while writes go on, and streamed from there.
+func TestAddTableToRunningCluster(t *testing.T) {
+	c := newCluster(t, clusterOpts{schema: padSchema, tables: []string{"items"}})
+	ctx := t.Context()
+	execOn(t, c, c.Config.Primary, `CREATE TABLE public.late (id int PRIMARY KEY, v text);
+		INSERT INTO late SELECT g, 'old' FROM generate_series(1, 5000) g;`)
+	c.Config.Tables = append(c.Config.Tables, "public.late")
+	if err := c.WriteConfig(); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes() {
+		if err := c.StopAgent(n, 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.StartAgents(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// writes to both tables before, during and after the copies
+	stop := make(chan struct{})
+	writer := make(chan error, 1)
+	go func() {
+		conn := connect(t, c, c.Config.Primary)
+		for i := 1; ; i++ {
+			select {
+			case <-stop:
+				writer <- nil
+				return
+			default:
+			}
+			if _, err := conn.Exec(ctx, `INSERT INTO items VALUES ($1, 'x')`, i); err != nil {
+				writer <- err
+				return
+			}
+			if _, err := conn.Exec(ctx, `UPDATE late SET v = v || '+' WHERE id = $1`, 1+i%5000); err != nil {
+				writer <- err
+				return
+			}
+			if _, err := conn.Exec(ctx, `INSERT INTO late VALUES ($1, 'new')`, 10000+i); err != nil {
+				writer <- err
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	time.Sleep(time.Second)
+	for _, site := range replicas(c) {
+		if out, code := xdcrSync(t, c, site, "--table", "public.late"); code != 0 {
+			t.Fatalf("sync %s --table public.late exited %d:\n%s", site, code, out)
+		}
+	}
+	time.Sleep(time.Second)
+	close(stop)
+	if err := <-writer; err != nil {
+		t.Fatal(err)
+	}
+	converge(t, c, 2*time.Minute)
+}
