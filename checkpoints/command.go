@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"time"
 	"unicode/utf8"
@@ -55,10 +56,14 @@ type Command struct {
 	// At is the proposer's clock when it made the command; Apply records it
 	// as the report time. Apply never reads the clock itself, so every node
 	// computes the same state.
-	At        time.Time      `json:"at"`
-	Bootstrap *Bootstrap     `json:"bootstrap,omitempty"`
-	Source    *SourceReport  `json:"source,omitempty"`
-	Applied   *AppliedReport `json:"applied,omitempty"`
+	At        time.Time       `json:"at"`
+	Bootstrap *Bootstrap      `json:"bootstrap,omitempty"`
+	Source    *SourceReport   `json:"source,omitempty"`
+	Applied   *AppliedReport  `json:"applied,omitempty"`
+	Promote   *Promote        `json:"promote,omitempty"`
+	Fenced    *Fenced         `json:"fenced,omitempty"`
+	Promoted  *Promoted       `json:"promoted,omitempty"`
+	Abort     *AbortPromotion `json:"abort,omitempty"`
 }
 
 // Bootstrap creates the cluster's state: its name, its data sites and the
@@ -84,7 +89,8 @@ type SourceReport struct {
 	// touches replicated tables is published or being published.
 	SentLSN change.LSN `json:"sent_lsn"`
 	// WALLSN is the source database's current WAL insert position
-	// (pg_current_wal_lsn()).
+	// (pg_current_wal_insert_lsn(): with asynchronous commits the write
+	// position, pg_current_wal_lsn(), can trail committed transactions).
 	WALLSN change.LSN `json:"wal_lsn"`
 	// LastCommitLSN and LastCommitTime are the commit LSN and commit time
 	// (the source's clock) of the last transaction capture published.
@@ -202,10 +208,23 @@ func (c Command) Validate() error {
 	if c.Applied != nil {
 		payloads = append(payloads, OpApplied)
 	}
+	if c.Promote != nil {
+		payloads = append(payloads, OpPromote)
+	}
+	if c.Fenced != nil {
+		payloads = append(payloads, OpFenced)
+	}
+	if c.Promoted != nil {
+		payloads = append(payloads, OpPromoted)
+	}
+	if c.Abort != nil {
+		payloads = append(payloads, OpAbortPromotion)
+	}
 	switch c.Op {
-	case OpBootstrap, OpSource, OpApplied:
+	case OpBootstrap, OpSource, OpApplied, OpPromote, OpFenced, OpPromoted, OpAbortPromotion:
 	default:
-		return fmt.Errorf("unknown op %q (want %s, %s or %s): %w", c.Op, OpBootstrap, OpSource, OpApplied, ErrInvalidCommand)
+		return fmt.Errorf("unknown op %q (want %s, %s, %s, %s, %s, %s or %s): %w", c.Op,
+			OpBootstrap, OpSource, OpApplied, OpPromote, OpFenced, OpPromoted, OpAbortPromotion, ErrInvalidCommand)
 	}
 	if len(payloads) != 1 || payloads[0] != c.Op {
 		return fmt.Errorf("%s command carries payloads %v, want exactly %q: %w", c.Op, payloads, c.Op, ErrInvalidCommand)
@@ -215,6 +234,14 @@ func (c Command) Validate() error {
 		return c.Bootstrap.validate()
 	case OpSource:
 		return c.Source.validate()
+	case OpPromote:
+		return c.Promote.validate()
+	case OpFenced:
+		return c.Fenced.validate()
+	case OpPromoted:
+		return c.Promoted.validate()
+	case OpAbortPromotion:
+		return c.Abort.validate()
 	default:
 		return c.Applied.validate()
 	}
@@ -297,6 +324,23 @@ func (c Command) normalized() Command {
 		r.CommitTime = r.CommitTime.UTC()
 		r.AsOf = r.AsOf.UTC()
 		c.Applied = &r
+	}
+	if c.Promote != nil {
+		p := *c.Promote
+		c.Promote = &p
+	}
+	if c.Fenced != nil {
+		f := *c.Fenced
+		f.Sequences = maps.Clone(f.Sequences)
+		c.Fenced = &f
+	}
+	if c.Promoted != nil {
+		p := *c.Promoted
+		c.Promoted = &p
+	}
+	if c.Abort != nil {
+		a := *c.Abort
+		c.Abort = &a
 	}
 	return c
 }

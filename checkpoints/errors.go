@@ -49,4 +49,12 @@ var (
 	// ErrInvalidSnapshot: snapshot data that does not parse or describes an
 	// impossible state.
 	ErrInvalidSnapshot = errors.New("invalid snapshot")
+	// ErrEpochMoved: a promote expected an epoch the cluster has left (a
+	// racing promote won, or the request is stale).
+	ErrEpochMoved = errors.New("epoch moved")
+	// ErrPromotionInProgress: a promote while another promotion runs.
+	ErrPromotionInProgress = errors.New("promotion in progress")
+	// ErrNoPromotion: a promotion report for a promotion that is not in
+	// progress, or not in the phase the report belongs to.
+	ErrNoPromotion = errors.New("no such promotion in progress")
 )

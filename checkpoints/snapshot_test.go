@@ -208,7 +208,7 @@ func TestRestoreSnapshotRefuses(t *testing.T) {
 		{"version 0", edit(`"v":1,`, `"v":0,`), ErrUnsupportedVersion},
 		{"newer version", edit(`"v":1,`, `"v":2,`), ErrUnsupportedVersion},
 		{"newer version with new fields", edit(`"v":1,`, `"v":2,"history":[],`), ErrUnsupportedVersion},
-		{"unknown field", edit(`"v":1,`, `"v":1,"history":[],`), ErrInvalidSnapshot},
+		{"unknown field", edit(`"v":1,`, `"v":1,"not_a_field":[],`), ErrInvalidSnapshot},
 		{"trailing data", string(good) + `{}`, ErrInvalidSnapshot},
 		{"epoch 0", edit(`"epoch":2,"sites"`, `"epoch":0,"sites"`), ErrInvalidSnapshot},
 		{"unsorted sites", edit(`["dc-a","dc-b","dc-c"]`, `["dc-b","dc-a","dc-c"]`), ErrInvalidSnapshot},

@@ -67,6 +67,10 @@ type State struct {
 	// Applied holds the latest applied report per replica site; a site
 	// that never reported has no entry.
 	Applied map[string]SiteState `json:"applied"`
+	// Promotion is the promotion in progress, if any.
+	Promotion *Promotion `json:"promotion,omitempty"`
+	// History says how every earlier epoch ended, oldest first.
+	History []EpochEnd `json:"history,omitempty"`
 }
 
 // New returns an empty, not yet bootstrapped state.
@@ -84,6 +88,15 @@ func (s *State) Clone() *State {
 	c := *s
 	c.Sites = slices.Clone(s.Sites)
 	c.Applied = maps.Clone(s.Applied)
+	if s.Promotion != nil {
+		p := *s.Promotion
+		p.Sequences = maps.Clone(p.Sequences)
+		c.Promotion = &p
+	}
+	c.History = slices.Clone(s.History)
+	for i := range c.History {
+		c.History[i].Sequences = maps.Clone(c.History[i].Sequences)
+	}
 	return &c
 }
 
@@ -123,6 +136,14 @@ func (s *State) Apply(c Command) error {
 		return s.bootstrap(c.Bootstrap)
 	case OpSource:
 		return s.applySource(c.At, c.Source)
+	case OpPromote:
+		return s.promote(c.At, c.Promote)
+	case OpFenced:
+		return s.fenced(c.At, c.Fenced)
+	case OpPromoted:
+		return s.promoted(c.At, c.Promoted)
+	case OpAbortPromotion:
+		return s.abortPromotion(c.Abort)
 	default:
 		return s.applyApplied(c.At, c.Applied)
 	}
@@ -162,6 +183,10 @@ func (s *State) applySource(at time.Time, r *SourceReport) error {
 		return fmt.Errorf("%s of epoch %d: the current epoch is %d: %w", what, r.Epoch, s.Epoch, ErrFutureEpoch)
 	case r.Site != s.Primary:
 		return fmt.Errorf("%s: the primary of epoch %d is %s: %w", what, s.Epoch, s.Primary, ErrNotPrimary)
+	case s.Promotion != nil && s.Promotion.Kind == KindFailover:
+		// a primary being failed over is deposed already: its lease must
+		// not be renewed
+		return fmt.Errorf("%s: %s is being failed over to %s (promotion %s): %w", what, s.Primary, s.Promotion.To, s.Promotion.ID, ErrStaleEpoch)
 	}
 	next := SourceState{
 		Site:           r.Site,

@@ -32,6 +32,25 @@ type Status struct {
 	Leader      string       `json:"leader,omitempty"`
 	GeneratedAt time.Time    `json:"generated_at"`
 	Sites       []SiteStatus `json:"sites"` // primary first, then replicas by name; never null
+	// Promotion is the promotion in progress, if any.
+	Promotion *Promotion `json:"promotion,omitempty"`
+	// LastEpochEnd says how the previous epoch ended, if one did.
+	LastEpochEnd *EpochEnd `json:"last_epoch_end,omitempty"`
+	// LossWindow is set when the previous epoch ended in a failover.
+	LossWindow *LossWindow `json:"loss_window,omitempty"`
+}
+
+// LossWindow is what a failover may have lost: transactions the old
+// primary committed after AppliedLSN, the last one the new primary applied.
+// Those up to PublishedLSN (the last the old primary reported as
+// published) reached the change stream but not the new primary; anything
+// it committed later never left its site.
+type LossWindow struct {
+	Epoch        uint64 `json:"epoch"`
+	OldPrimary   string `json:"old_primary"`
+	NewPrimary   string `json:"new_primary"`
+	AppliedLSN   string `json:"applied_lsn"`
+	PublishedLSN string `json:"published_lsn"`
 }
 
 // SiteStatus is one data site's row of a [Status].
@@ -69,6 +88,18 @@ func (s *State) Status(now time.Time, downAfter time.Duration) Status {
 	if haveSrc {
 		st.SourceLSN = src.SentLSN.String()
 		st.SourceWALLSN = src.WALLSN.String()
+	}
+	if s.Promotion != nil {
+		p := *s.Promotion
+		st.Promotion = &p
+	}
+	if n := len(s.History); n > 0 {
+		e := s.History[n-1]
+		st.LastEpochEnd = &e
+		if e.Kind == KindFailover {
+			st.LossWindow = &LossWindow{Epoch: e.Epoch, OldPrimary: e.Primary, NewPrimary: e.Successor,
+				AppliedLSN: e.EndLSN.String(), PublishedLSN: max(e.LostUpTo, e.EndLSN).String()}
+		}
 	}
 	st.Sites = append(st.Sites, s.primaryRow(now, downAfter))
 	sites := slices.Clone(s.Sites)

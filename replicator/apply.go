@@ -31,7 +31,15 @@ type ApplyConfig struct {
 	Cluster string
 	Site    string
 	DSN     string // the site's PostgreSQL
-	Stream  string // the local stream that holds the primary's changes
+	// Primary and Epoch name the current primary.
+	Primary string
+	Epoch   uint64
+	// History says how earlier epochs ended, oldest first. A site applies
+	// each epoch it missed from that epoch's primary's stream, up to the
+	// epoch's handoff, before it follows the next primary.
+	History []EpochEnd
+	// StreamOf names the local stream that holds a site's changes.
+	StreamOf func(site string) string
 	// MaxBatchTxns and MaxBatchBytes bound how many source transactions
 	// (and how many bytes of messages) one target transaction may group.
 	MaxBatchTxns  int
@@ -41,6 +49,74 @@ type ApplyConfig struct {
 	// data, so a crash loses both together and they are applied again); it
 	// only widens what a crash of the replica's PostgreSQL re-applies.
 	SynchronousCommit bool
+}
+
+// EpochEnd says how an epoch ended (see checkpoints.EpochEnd).
+type EpochEnd struct {
+	Epoch     uint64
+	Primary   string
+	Successor string
+	// EndLSN is the commit LSN of the epoch's last transaction that the
+	// successor applied: every site applies the epoch up to exactly here.
+	EndLSN change.LSN
+}
+
+// errEpochDone ends a session that applied an ended epoch up to its
+// handoff: the next session follows the next primary.
+var errEpochDone = errors.New("epoch applied up to its handoff")
+
+// DivergedError says a site applied transactions of an ended epoch beyond
+// the handoff: they were lost in a failover, and the site must be re-seeded.
+type DivergedError struct {
+	Site    string
+	Epoch   uint64
+	Primary string
+	Applied change.LSN
+	EndLSN  change.LSN
+}
+
+func (e *DivergedError) Error() string {
+	return fmt.Sprintf("site %s applied %s's transactions of epoch %d up to %s, but that epoch ended at %s: "+
+		"the transactions after it were lost in a failover and the site has diverged; fix: re-seed it with `xdcr sync %s`",
+		e.Site, e.Primary, e.Epoch, e.Applied, e.EndLSN, e.Site)
+}
+
+// following is the epoch a session applies: the stream of origin, the
+// transactions of epoch, up to end (0 for the current, open epoch).
+type following struct {
+	origin string
+	epoch  uint64
+	end    change.LSN
+	open   bool
+}
+
+// follow decides which epoch's stream a site at pos reads next.
+func (c *ApplyConfig) follow(pos AppliedPosition) (following, error) {
+	if pos.Origin == "" || pos.Epoch >= c.Epoch {
+		return following{origin: c.Primary, epoch: c.Epoch, open: true}, nil
+	}
+	ends := make(map[uint64]EpochEnd, len(c.History))
+	for _, e := range c.History {
+		ends[e.Epoch] = e
+	}
+	origin, lsn := pos.Origin, pos.LSN
+	for epoch := pos.Epoch; epoch < c.Epoch; epoch++ {
+		end, ok := ends[epoch]
+		if !ok {
+			return following{}, fmt.Errorf("site %s is at epoch %d, but the cluster's history does not say how that epoch ended", c.Site, epoch)
+		}
+		if epoch == pos.Epoch && origin != end.Primary {
+			return following{}, fmt.Errorf("site %s applied epoch %d from %s, but %s was the primary of that epoch", c.Site, epoch, origin, end.Primary)
+		}
+		switch {
+		case lsn > end.EndLSN:
+			return following{}, permanent(&DivergedError{Site: c.Site, Epoch: epoch, Primary: end.Primary, Applied: lsn, EndLSN: end.EndLSN}, "")
+		case lsn < end.EndLSN:
+			return following{origin: end.Primary, epoch: epoch, end: end.EndLSN}, nil
+		}
+		origin, lsn = end.Successor, 0
+	}
+	return following{origin: c.Primary, epoch: c.Epoch, open: true}, nil
 }
 
 func (c *ApplyConfig) withDefaults() ApplyConfig {
@@ -113,6 +189,11 @@ func (a *Apply) Run(ctx context.Context) error {
 		if progressed {
 			backoff.reset()
 		}
+		if errors.Is(err, errEpochDone) {
+			a.log.Info("applied an ended epoch up to its handoff; following the next primary")
+			backoff.reset()
+			continue
+		}
 		var syncing *SyncingError
 		if errors.As(err, &syncing) {
 			a.obs.State(StateSyncing, err)
@@ -144,7 +225,7 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	meta, err := connectMeta(ctx, a.cfg.DSN)
+	meta, err := ConnectMeta(ctx, a.cfg.DSN)
 	if err != nil {
 		return false, err
 	}
@@ -161,21 +242,29 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	f, err := a.cfg.follow(pos)
+	if err != nil {
+		return false, err
+	}
+	stream := a.cfg.StreamOf(f.origin)
 	after := pos.Seq
-	if pos.Stream != a.cfg.Stream {
-		// another stream (a new primary): read it whole, positions decide
+	if pos.Stream != stream {
+		// another stream (another epoch): read it whole, positions decide
 		after = 0
 	}
-	msgs, stop, err := a.sub.Subscribe(ctx, a.cfg.Stream, after)
+	msgs, stop, err := a.sub.Subscribe(ctx, stream, after)
 	if err != nil {
-		return false, fmt.Errorf("subscribe to stream %s: %w", a.cfg.Stream, err)
+		return false, fmt.Errorf("subscribe to stream %s: %w", stream, err)
 	}
 	defer stop()
-	a.log.Info("apply streaming", "stream", a.cfg.Stream, "after_seq", after, "position", pos.Position)
+	a.log.Info("apply streaming", "stream", stream, "after_seq", after, "position", pos.Position,
+		"epoch", f.epoch, "origin", f.origin, "epoch_ends_at", f.end)
 	a.obs.State(StateStreaming, nil)
 
 	w := &applier{
 		cfg:     a.cfg,
+		stream:  stream,
+		follow:  f,
 		conn:    conn,
 		meta:    meta,
 		log:     a.log,
@@ -218,6 +307,9 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 			}
 		}
 		progressed = w.pos != pos
+		if !f.open && w.pos.Epoch == f.epoch && w.pos.LSN >= f.end {
+			return progressed, errEpochDone
+		}
 	}
 }
 
@@ -253,6 +345,8 @@ func receive(ctx context.Context, msgs <-chan change.Delivery, stop func() error
 // applier builds target transactions from deliveries.
 type applier struct {
 	cfg     ApplyConfig
+	stream  string    // the stream this session reads
+	follow  following // the epoch it applies
 	conn    *pgx.Conn
 	meta    *pgx.Conn
 	log     *slog.Logger
@@ -315,23 +409,28 @@ func (w *applier) full() bool {
 // transaction.
 func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 	if d.Err != nil {
-		return permanent(fmt.Errorf("stream %s seq %d: %w", w.cfg.Stream, d.Seq, d.Err),
+		return permanent(fmt.Errorf("stream %s seq %d: %w", w.stream, d.Seq, d.Err),
 			fmt.Sprintf("inspect it with `nats stream get %s %d`; if xdcr did not publish it, delete it from this site's stream "+
-				"(`nats stream rmm %s %d`); apply resumes by itself", w.cfg.Stream, d.Seq, w.cfg.Stream, d.Seq))
+				"(`nats stream rmm %s %d`); apply resumes by itself", w.stream, d.Seq, w.stream, d.Seq))
 	}
 	b := d.Batch
 	w.rels = make(map[*change.Relation]*target)
+	if b.Epoch != w.follow.epoch || b.Origin != w.follow.origin {
+		// another epoch's (the origin's earlier or later terms as primary),
+		// or a publisher this epoch does not belong to: not applied here
+		if b.Epoch < w.follow.epoch || b.Origin != w.follow.origin {
+			w.obs.Dropped(b.Origin, b.Epoch)
+			w.log.Debug("dropped a batch of another epoch", "stream", w.stream, "seq", d.Seq,
+				"epoch", b.Epoch, "origin", b.Origin, "following_epoch", w.follow.epoch, "following_origin", w.follow.origin)
+		}
+		w.lastSeq = d.Seq
+		return nil
+	}
 	if b.Heartbeat != nil {
 		w.lastSeq = d.Seq
 		return w.heartbeat(ctx, d)
 	}
 	if len(b.Txns) == 0 {
-		w.lastSeq = d.Seq
-		return nil
-	}
-	if b.Epoch < w.head.Epoch {
-		w.log.Warn("dropped a batch of an older epoch", "stream", w.cfg.Stream, "seq", d.Seq,
-			"epoch", b.Epoch, "current_epoch", w.head.Epoch, "origin", b.Origin)
 		w.lastSeq = d.Seq
 		return nil
 	}
@@ -362,7 +461,7 @@ func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 		w.head = AppliedPosition{
 			Position:   change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.LSN},
 			CommitTime: txn.CommitTime,
-			Stream:     w.cfg.Stream,
+			Stream:     w.stream,
 			Generation: w.pos.Generation,
 		}
 		w.prefix = w.head
@@ -375,19 +474,22 @@ func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 
 // check decides whether txn was applied already, and stops on a gap.
 func (w *applier) check(d *change.Delivery, b *change.Batch, txn *change.Txn) (skip bool, err error) {
-	if w.head.Origin == "" && txn.PrevLSN != 0 {
-		return false, w.notSeeded(d, txn.PrevLSN)
-	}
-	sameEpoch := b.Epoch == w.head.Epoch && b.Origin == w.head.Origin
-	if sameEpoch && txn.LSN <= w.head.LSN {
+	inEpoch := b.Epoch == w.head.Epoch && b.Origin == w.head.Origin
+	switch {
+	case inEpoch && txn.LSN <= w.head.LSN:
 		return true, nil
-	}
+	case !inEpoch && txn.PrevLSN != 0 && w.head.Origin == "":
+		return false, w.notSeeded(d, txn.PrevLSN)
 	// a predecessor beyond what was applied is missing; one at or before it
-	// is fine (after a sync, the position is where the copy ends)
-	if sameEpoch && txn.PrevLSN > w.head.LSN {
-		return false, &GapError{Stream: w.cfg.Stream, Seq: d.Seq,
+	// is fine (after a sync, the position is where the copy ends). The
+	// first transaction of an epoch has none.
+	case inEpoch && txn.PrevLSN > w.head.LSN, !inEpoch && txn.PrevLSN != 0:
+		return false, &GapError{Stream: w.stream, Seq: d.Seq,
 			Applied: w.head.Position.String(),
 			Prev:    change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.PrevLSN}.String()}
+	case !w.follow.open && txn.LSN > w.follow.end:
+		// after the handoff of an ended epoch: lost in a failover
+		return true, nil
 	}
 	return false, nil
 }
@@ -396,12 +498,12 @@ func (w *applier) check(d *change.Delivery, b *change.Batch, txn *change.Txn) (s
 // middle of the stream: it would miss everything before.
 func (w *applier) notSeeded(d *change.Delivery, prev change.LSN) error {
 	return permanent(fmt.Errorf("stream %s seq %d: site %s has never applied anything and the stream does not start "+
-		"at the beginning of the primary's history (the first message follows %s)", w.cfg.Stream, d.Seq, w.cfg.Site, prev),
+		"at the beginning of the primary's history (the first message follows %s)", w.stream, d.Seq, w.cfg.Site, prev),
 		fmt.Sprintf("copy the tables into %s with `xdcr sync %s`; apply continues from where the copy ends", w.cfg.Site, w.cfg.Site))
 }
 
 func (w *applier) gap(d *change.Delivery, what string) error {
-	return permanent(fmt.Errorf("stream %s seq %d: %s", w.cfg.Stream, d.Seq, what),
+	return permanent(fmt.Errorf("stream %s seq %d: %s", w.stream, d.Seq, what),
 		"a message is missing from this site's stream; check the stream with `nats stream info` and re-seed the site with `xdcr sync` if messages were lost")
 }
 
@@ -457,7 +559,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 		w.head = AppliedPosition{
 			Position:   change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: txn.LSN},
 			CommitTime: txn.CommitTime,
-			Stream:     w.cfg.Stream,
+			Stream:     w.stream,
 			Seq:        d.Seq,
 			Generation: w.pos.Generation,
 		}
@@ -523,18 +625,19 @@ func (w *applier) committed(txns int) {
 // replica is caught up as of the heartbeat's WAL position and time.
 func (w *applier) heartbeat(ctx context.Context, d *change.Delivery) error {
 	b, hb := d.Batch, d.Batch.Heartbeat
-	if b.Epoch < w.head.Epoch {
-		return nil // an older epoch's, dropped like its transactions
-	}
-	fresh := w.head.Origin == ""
-	if !fresh && (b.Origin != w.head.Origin || b.Epoch != w.head.Epoch) {
-		return nil // a new epoch begins; its transactions will say more
-	}
+	// a heartbeat of the epoch this session follows, while nothing of it
+	// was applied yet: the epoch starts here (LastLSN 0), or its first
+	// transactions are missing
+	fresh := w.head.Origin != b.Origin || w.head.Epoch != b.Epoch
 	if fresh && hb.LastLSN != 0 {
-		return w.notSeeded(d, hb.LastLSN)
+		if w.head.Origin == "" {
+			return w.notSeeded(d, hb.LastLSN)
+		}
+		return &GapError{Stream: w.stream, Seq: d.Seq, Applied: w.head.Position.String(),
+			Prev: change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: hb.LastLSN}.String()}
 	}
 	if hb.LastLSN > w.head.LSN {
-		err := &GapError{Stream: w.cfg.Stream, Seq: d.Seq, Applied: w.head.Position.String(),
+		err := &GapError{Stream: w.stream, Seq: d.Seq, Applied: w.head.Position.String(),
 			Prev: change.Position{Origin: b.Origin, Epoch: b.Epoch, LSN: hb.LastLSN}.String()}
 		if perr := w.commitPrefix(ctx); perr != nil {
 			return errors.Join(err, perr)
@@ -543,7 +646,7 @@ func (w *applier) heartbeat(ctx context.Context, d *change.Delivery) error {
 	}
 	w.origin, w.epoch = b.Origin, b.Epoch
 	if fresh {
-		w.head.Origin, w.head.Epoch = b.Origin, b.Epoch
+		w.head.Origin, w.head.Epoch, w.head.LSN = b.Origin, b.Epoch, 0
 		w.prefix = w.head
 	}
 	if len(w.queued) > 0 || w.chunk != nil {
@@ -572,7 +675,12 @@ func (w *applier) report(txns, changes int, d time.Duration) {
 		Changes:    changes,
 		Duration:   d,
 	}
-	if p.Position.Origin == "" {
+	switch {
+	case w.head.Epoch > w.pos.Epoch && w.head.LSN == 0 && len(w.queued) == 0:
+		// a new epoch's first heartbeat: nothing of it to apply yet, and
+		// everything before it applied
+		p.Position.Origin, p.Position.Epoch, p.Position.LSN = w.head.Origin, w.head.Epoch, 0
+	case p.Position.Origin == "":
 		p.Position.Origin, p.Position.Epoch = w.origin, w.epoch
 	}
 	w.obs.Applied(p)
@@ -591,7 +699,7 @@ func (w *applier) advanceStmt(seq uint64) stmt {
 			[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq),
 			strconv.AppendInt(nil, w.pos.Generation, 10),
 			[]byte(w.head.Origin), itoa(w.head.Epoch), []byte(w.head.LSN.String()), ct,
-			[]byte(w.cfg.Stream), itoa(seq),
+			[]byte(w.stream), itoa(seq),
 		},
 		rows: 1, seq: seq, txn: w.head.LSN,
 	}
@@ -642,7 +750,7 @@ func (w *applier) exec(ctx context.Context) error {
 }
 
 func (w *applier) stmtError(s *stmt, err error) error {
-	where := fmt.Sprintf("stream %s seq %d, source transaction %s", w.cfg.Stream, s.seq, s.txn)
+	where := fmt.Sprintf("stream %s seq %d, source transaction %s", w.stream, s.seq, s.txn)
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "XD001" {
 		return fmt.Errorf("%s: %w (another agent is applying to site %s?)", where, err, w.cfg.Site)
@@ -662,7 +770,7 @@ func (w *applier) stmtError(s *stmt, err error) error {
 }
 
 func (w *applier) rowsError(s *stmt, got int64) error {
-	where := fmt.Sprintf("stream %s seq %d, source transaction %s", w.cfg.Stream, s.seq, s.txn)
+	where := fmt.Sprintf("stream %s seq %d, source transaction %s", w.stream, s.seq, s.txn)
 	if s.c == nil {
 		// the position row: it moved, or was never created
 		return fmt.Errorf("%s: the applied position of cluster %s changed underneath this agent (another agent applying to site %s?)",
@@ -722,7 +830,7 @@ func (w *applier) queueTxn(ctx context.Context, seq uint64, txn *change.Txn) err
 		if err != nil {
 			var schema *SchemaError
 			if errors.As(err, &schema) {
-				return fmt.Errorf("stream %s seq %d, source transaction %s: %w", w.cfg.Stream, seq, txn.LSN, err)
+				return fmt.Errorf("stream %s seq %d, source transaction %s: %w", w.stream, seq, txn.LSN, err)
 			}
 			return err
 		}

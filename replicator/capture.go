@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -18,10 +19,11 @@ import (
 // publisher is what capture needs from the transport.
 type publisher interface {
 	// Resume starts a publishing session. It returns the last batch the
-	// stream holds from this publisher (nil when there is none), so capture
-	// knows what was already published, and arms the publisher so that the
-	// next batch can only be stored directly after that one.
-	Resume(ctx context.Context) (*change.Batch, error)
+	// stream holds from this publisher in epoch (nil when there is none),
+	// so capture knows what was already published, and arms the publisher
+	// so that the next batch can only be stored directly after the
+	// stream's last message.
+	Resume(ctx context.Context, epoch uint64) (*change.Batch, error)
 	// Publish sends b without waiting for its acknowledgement; it blocks
 	// while too many publishes are in flight. The channel yields exactly one
 	// value: nil once the stream has stored b, or the error. Batches are
@@ -50,6 +52,9 @@ type CaptureConfig struct {
 	// HeartbeatInterval is how often an idle capture publishes a heartbeat,
 	// so replicas can tell "idle" from "stalled".
 	HeartbeatInterval time.Duration
+	// Sequences are the previous primary's sequence values, which the
+	// first start of a new epoch advances this site's sequences past.
+	Sequences map[string]int64
 }
 
 func (c *CaptureConfig) withDefaults() CaptureConfig {
@@ -75,18 +80,75 @@ func (c *CaptureConfig) withDefaults() CaptureConfig {
 // Capture streams the changes of a primary site's PostgreSQL into the
 // change stream. Run it only while this site is the primary of Epoch.
 type Capture struct {
-	cfg CaptureConfig
-	pub publisher
-	log *slog.Logger
-	obs Observer
+	cfg   CaptureConfig
+	pub   publisher
+	lease lease
+	log   *slog.Logger
+	obs   Observer
+
+	mu      sync.Mutex
+	drainTo change.LSN    // 0, or the WAL position to publish up to before stopping
+	drained chan struct{} // closed once the drain is done
+	handoff change.LSN    // the commit LSN of the last published transaction, once drained
 }
 
-// NewCapture returns a capture; nothing runs until Run. obs may be nil.
-func NewCapture(cfg CaptureConfig, pub publisher, log *slog.Logger, obs Observer) *Capture {
+// lease tells capture whether its site may still publish as the primary of
+// its epoch.
+type lease interface {
+	// Valid reports whether Raft confirmed the site as the primary of the
+	// epoch recently enough (a majority accepted one of its reports).
+	Valid() bool
+}
+
+// ErrLeaseLost stops capture when its lease ran out: the site could not
+// confirm through Raft that it is still the primary. It must not publish
+// (and should fence its database) until it can.
+var ErrLeaseLost = errors.New("the primary's lease ran out")
+
+// ErrDrained stops capture once a drain is done (see [Capture.Drain]).
+var ErrDrained = errors.New("capture drained")
+
+// NewCapture returns a capture; nothing runs until Run. obs and lease may
+// be nil (no lease: always valid).
+func NewCapture(cfg CaptureConfig, pub publisher, l lease, log *slog.Logger, obs Observer) *Capture {
 	if obs == nil {
 		obs = NopObserver{}
 	}
-	return &Capture{cfg: cfg.withDefaults(), pub: pub, log: log.With("component", "capture"), obs: obs}
+	return &Capture{cfg: cfg.withDefaults(), pub: pub, lease: l, log: log.With("component", "capture"), obs: obs,
+		drained: make(chan struct{})}
+}
+
+// Drain asks the running capture to publish every transaction that
+// commits before WAL position upTo, then stop; it returns the commit LSN of
+// the last transaction published (the handoff), once the stream has
+// acknowledged it. The database must already refuse writes (fenced), or
+// transactions after upTo would be left behind. Drain blocks until Run has
+// done so or ctx ends.
+func (c *Capture) Drain(ctx context.Context, upTo change.LSN) (change.LSN, error) {
+	c.mu.Lock()
+	c.drainTo = max(upTo, 1)
+	c.mu.Unlock()
+	select {
+	case <-c.drained:
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.handoff, nil
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}
+
+func (c *Capture) drainTarget() change.LSN {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.drainTo
+}
+
+func (c *Capture) finishDrain(handoff change.LSN) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.handoff = handoff
+	close(c.drained)
 }
 
 // Run captures until ctx ends (it then returns ctx.Err()) or a problem that
@@ -99,6 +161,9 @@ func (c *Capture) Run(ctx context.Context) error {
 		err := c.session(ctx)
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if errors.Is(err, ErrDrained) || errors.Is(err, ErrLeaseLost) {
+			return err
 		}
 		var perm *PermanentError
 		if errors.As(err, &perm) {
@@ -118,7 +183,7 @@ func (c *Capture) Run(ctx context.Context) error {
 // session runs one replication connection from the slot's confirmed
 // position. It always returns an error; ctx.Err() when it was stopped.
 func (c *Capture) session(ctx context.Context) error {
-	meta, err := connectMeta(ctx, c.cfg.DSN)
+	meta, err := ConnectMeta(ctx, c.cfg.DSN)
 	if err != nil {
 		return err
 	}
@@ -127,13 +192,17 @@ func (c *Capture) session(ctx context.Context) error {
 	if err := preflightSource(ctx, meta, c.cfg); err != nil {
 		return err
 	}
-	last, err := c.pub.Resume(ctx)
+	last, err := c.pub.Resume(ctx, c.cfg.Epoch)
 	if err != nil {
 		return fmt.Errorf("read the end of the change stream: %w", err)
 	}
 	published := publishedUpTo(last, c.cfg.Site, c.cfg.Epoch)
 	slot, err := c.ensureSlot(ctx, meta, last, published)
 	if err != nil {
+		return err
+	}
+	// the slot exists: every write from now on is captured
+	if err := Unfence(ctx, meta, c.cfg.Tables); err != nil {
 		return err
 	}
 
@@ -180,12 +249,30 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 		walStatus *string
 		confirmed *string
 	)
-	err := meta.QueryRow(ctx, `SELECT plugin, wal_status, confirmed_flush_lsn::text
+	stored, err := captureEpoch(ctx, meta, c.cfg.Cluster)
+	if err != nil {
+		return slotState{}, err
+	}
+	if stored > c.cfg.Epoch {
+		return slotState{}, fmt.Errorf("this site captured epoch %d already, but was asked to capture epoch %d", stored, c.cfg.Epoch)
+	}
+	// this site's first term as primary of its epoch after another site's
+	newEpoch := stored < c.cfg.Epoch && (stored != 0 || c.cfg.Epoch > 1)
+	err = meta.QueryRow(ctx, `SELECT plugin, wal_status, confirmed_flush_lsn::text
 		FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`, name).
 		Scan(&plugin, &walStatus, &confirmed)
+	if err == nil && newEpoch {
+		// a slot from an earlier time this site was primary: it would
+		// replay what apply wrote here since, as this site's changes
+		if _, err := meta.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, name); err != nil {
+			return slotState{}, fmt.Errorf("drop replication slot %s left from an earlier epoch: %w", name, err)
+		}
+		c.log.Info("dropped the replication slot of an earlier epoch", "slot", name, "epoch", c.cfg.Epoch)
+		err = pgx.ErrNoRows
+	}
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
-		if last != nil && last.Origin == c.cfg.Site && last.Epoch == c.cfg.Epoch {
+		if stored == c.cfg.Epoch || (last != nil && last.Origin == c.cfg.Site && last.Epoch == c.cfg.Epoch) {
 			return slotState{}, permanent(fmt.Errorf("%w: replication slot %s is missing on site %s, but the change stream "+
 				"already holds epoch %d up to %s: the changes committed since the slot's last confirmed position "+
 				"cannot be recovered", ErrSlotLost, name, c.cfg.Site, c.cfg.Epoch, published),
@@ -200,6 +287,17 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 			return slotState{}, err
 		}
 		c.log.Info("created replication slot", "slot", name, "lsn", at)
+		if newEpoch {
+			// logical replication carries column values, not sequences:
+			// start them above what the old primary handed out
+			set, err := AdvanceSequences(ctx, meta, c.cfg.Tables, c.cfg.Sequences)
+			if err != nil {
+				return slotState{}, err
+			}
+			if len(set) > 0 {
+				c.log.Info("advanced sequences for the new epoch", "epoch", c.cfg.Epoch, "sequences", set)
+			}
+		}
 		// Mark the start of this epoch's history in the stream, so that a
 		// slot that disappears later is recognised as lost.
 		done, err := c.pub.Publish(ctx, &change.Batch{Origin: c.cfg.Site, Epoch: c.cfg.Epoch,
@@ -210,8 +308,11 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 		if err != nil {
 			return slotState{}, fmt.Errorf("publish the start of epoch %d: %w", c.cfg.Epoch, err)
 		}
-		if _, err := c.pub.Resume(ctx); err != nil {
+		if _, err := c.pub.Resume(ctx, c.cfg.Epoch); err != nil {
 			return slotState{}, fmt.Errorf("read the end of the change stream: %w", err)
+		}
+		if err := setCaptureEpoch(ctx, meta, c.cfg.Cluster, c.cfg.Epoch, at); err != nil {
+			return slotState{}, err
 		}
 		return slotState{confirmed: at}, nil
 	case err != nil:
@@ -226,6 +327,12 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 			"PostgreSQL removed WAL that the change stream still needed", ErrSlotLost, name, c.cfg.Site),
 			"re-seed every replica with `xdcr sync SITE`; raise max_slot_wal_keep_size so it does not happen again")
 	}
+	if stored == 0 {
+		// a slot made before capture ever ran here (by xdcr sync)
+		if err := setCaptureEpoch(ctx, meta, c.cfg.Cluster, c.cfg.Epoch, 0); err != nil {
+			return slotState{}, err
+		}
+	}
 	var st slotState
 	if confirmed != nil {
 		if st.confirmed, err = change.ParseLSN(*confirmed); err != nil {
@@ -233,6 +340,44 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 		}
 	}
 	return st, nil
+}
+
+// captureSchema records, in the primary's own database, which epoch its
+// capture slot belongs to: a site that becomes primary again in a later
+// epoch must start from a new slot, and a slot that vanished within its
+// epoch is lost. It is not in the publication, so it is not replicated.
+const captureSchema = `
+CREATE SCHEMA IF NOT EXISTS xdcr;
+CREATE TABLE IF NOT EXISTS xdcr.capture_state (
+	cluster    text PRIMARY KEY,
+	epoch      bigint      NOT NULL,
+	slot_lsn   pg_lsn,
+	started_at timestamptz NOT NULL DEFAULT now()
+);`
+
+func captureEpoch(ctx context.Context, conn *pgx.Conn, cluster string) (uint64, error) {
+	if _, err := conn.Exec(ctx, captureSchema); err != nil {
+		return 0, permanent(fmt.Errorf("create xdcr.capture_state: %w", err),
+			"the agent's role needs CREATE on the database (or create schema xdcr and its objects as the owner)")
+	}
+	var epoch uint64
+	err := conn.QueryRow(ctx, `SELECT epoch FROM xdcr.capture_state WHERE cluster = $1`, cluster).Scan(&epoch)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read xdcr.capture_state: %w", err)
+	}
+	return epoch, nil
+}
+
+func setCaptureEpoch(ctx context.Context, conn *pgx.Conn, cluster string, epoch uint64, slot change.LSN) error {
+	_, err := conn.Exec(ctx, `INSERT INTO xdcr.capture_state (cluster, epoch, slot_lsn) VALUES ($1, $2, $3::pg_lsn)
+		ON CONFLICT (cluster) DO UPDATE SET epoch = $2, slot_lsn = $3::pg_lsn, started_at = now()`, cluster, epoch, slot.String())
+	if err != nil {
+		return fmt.Errorf("record the capture's epoch: %w", err)
+	}
+	return nil
 }
 
 // publishedUpTo is the commit LSN of the last whole transaction the stream
@@ -302,6 +447,11 @@ func (s *captureSession) loop(ctx context.Context) error {
 				return err
 			}
 		}
+		if target := s.drainTarget(); target != 0 {
+			if err := s.drain(ctx, target); err != nil {
+				return err
+			}
+		}
 		if s.idle() && now.Sub(s.lastPublish) >= s.cfg.HeartbeatInterval {
 			if err := s.heartbeat(ctx, now); err != nil {
 				return err
@@ -322,6 +472,11 @@ func (s *captureSession) loop(ctx context.Context) error {
 		}
 		if len(s.run) > 0 {
 			if t := s.runStart.Add(s.cfg.FlushInterval); t.Before(deadline) {
+				deadline = t
+			}
+		}
+		if s.drainTarget() != 0 {
+			if t := now.Add(50 * time.Millisecond); t.Before(deadline) {
 				deadline = t
 			}
 		}
@@ -481,6 +636,9 @@ func (s *captureSession) flushRun(ctx context.Context) error {
 // publish hands b to the publisher; f describes what its acknowledgement
 // completes.
 func (s *captureSession) publish(ctx context.Context, b *change.Batch, confirm change.LSN, f inflight) error {
+	if s.lease != nil && !s.lease.Valid() {
+		return ErrLeaseLost
+	}
 	for len(s.inflight) >= s.cfg.MaxInFlight {
 		if err := s.reapAcks(ctx, true); err != nil {
 			return err
@@ -553,6 +711,42 @@ func (s *captureSession) sendStatus(ctx context.Context, reply bool) error {
 	return nil
 }
 
+// drain works towards a drain to WAL position target: it publishes what
+// is buffered at once and, once every transaction before target is
+// acknowledged, publishes a last heartbeat naming the handoff and stops.
+func (s *captureSession) drain(ctx context.Context, target change.LSN) error {
+	if s.cur != nil {
+		return nil // a transaction is being decoded: finish it first
+	}
+	if err := s.flushRun(ctx); err != nil {
+		return err
+	}
+	if s.seenEnd < target {
+		// ask the walsender where it is: its keepalive moves seenEnd
+		return s.sendStatus(ctx, true)
+	}
+	for len(s.inflight) > 0 {
+		if err := s.reapAcks(ctx, true); err != nil {
+			return err
+		}
+	}
+	hb := &change.Heartbeat{WALEnd: s.seenEnd, LastLSN: s.published, Time: time.Now().UTC()}
+	done, err := s.pub.Publish(ctx, &change.Batch{Origin: s.cfg.Site, Epoch: s.cfg.Epoch, Heartbeat: hb})
+	if err != nil {
+		return fmt.Errorf("publish the handoff: %w", err)
+	}
+	if err := waitAck(ctx, done); err != nil {
+		return fmt.Errorf("publish the handoff: %w", err)
+	}
+	s.confirmed = max(s.confirmed, s.seenEnd)
+	if err := s.sendStatus(ctx, false); err != nil {
+		return err
+	}
+	s.log.Info("capture drained", "handoff_lsn", s.published, "wal_lsn", s.seenEnd)
+	s.finishDrain(s.published)
+	return ErrDrained
+}
+
 // idle reports whether nothing is being decoded, buffered or published.
 func (s *captureSession) idle() bool {
 	return s.cur == nil && len(s.run) == 0 && len(s.inflight) == 0
@@ -574,8 +768,8 @@ func (s *captureSession) report(ctx context.Context) error {
 		wal      string
 		retained *int64
 	)
-	err := s.meta.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text,
-			(SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)`,
+	err := s.meta.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text,
+			(SELECT (pg_current_wal_insert_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)`,
 		SlotName(s.cfg.Cluster)).Scan(&wal, &retained)
 	if err != nil {
 		return fmt.Errorf("read the WAL position: %w", err)

@@ -20,6 +20,10 @@ type Observer interface {
 	// Applied reports apply's position after every target commit and
 	// every heartbeat it processed.
 	Applied(p ApplyProgress)
+	// Dropped reports a batch that apply did not apply because it belongs
+	// to an older epoch or to a site that is not the primary of the epoch
+	// being applied (a fenced primary's late messages, injected ones).
+	Dropped(origin string, epoch uint64)
 }
 
 // SourceProgress is where capture stands.
@@ -59,7 +63,8 @@ type ApplyProgress struct {
 // NopObserver ignores everything; embed it to implement part of Observer.
 type NopObserver struct{}
 
-func (NopObserver) State(string, error)   {}
-func (NopObserver) Source(SourceProgress) {}
-func (NopObserver) Published(int, int)    {}
-func (NopObserver) Applied(ApplyProgress) {}
+func (NopObserver) State(string, error)    {}
+func (NopObserver) Source(SourceProgress)  {}
+func (NopObserver) Published(int, int)     {}
+func (NopObserver) Applied(ApplyProgress)  {}
+func (NopObserver) Dropped(string, uint64) {}

@@ -189,3 +189,28 @@ func ReadTableSyncs(ctx context.Context, conn *pgx.Conn, cluster string) (map[st
 	}
 	return out, rows.Err()
 }
+
+// SetPosition replaces a site's applied position (and bumps its
+// generation, so a running apply re-reads it). An old primary that becomes
+// a replica records with it where its own history ends.
+func SetPosition(ctx context.Context, conn *pgx.Conn, cluster string, p AppliedPosition) error {
+	if err := EnsureApplySchema(ctx, conn); err != nil {
+		return err
+	}
+	_, err := conn.Exec(ctx, `INSERT INTO xdcr.apply_position (cluster, origin, epoch, lsn, commit_time, stream, stream_seq)
+		VALUES ($1, $2, $3, $4::pg_lsn, $5, $6, $7)
+		ON CONFLICT (cluster) DO UPDATE SET origin = $2, epoch = $3, lsn = $4::pg_lsn, commit_time = $5,
+			stream = $6, stream_seq = $7, generation = xdcr.apply_position.generation + 1, applied_at = now()`,
+		cluster, p.Origin, p.Epoch, p.LSN.String(), nullTime(p.CommitTime), p.Stream, p.Seq)
+	if err != nil {
+		return fmt.Errorf("set the applied position: %w", err)
+	}
+	return nil
+}
+
+func nullTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
+}

@@ -74,7 +74,7 @@ func (d *TableDef) CopyColumns() []string {
 }
 
 // ReadTableDef reads t's definition through conn, whose search_path must be
-// pg_catalog (see connectMeta) so that type names come out qualified.
+// pg_catalog (see ConnectMeta) so that type names come out qualified.
 // found is false when the table does not exist.
 func ReadTableDef(ctx context.Context, conn *pgx.Conn, t Table) (def *TableDef, found bool, err error) {
 	var (

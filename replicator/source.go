@@ -29,9 +29,9 @@ func setSessionParams(rt map[string]string, app string) {
 	rt["application_name"] = app
 }
 
-// connectMeta opens a normal connection for catalog queries. Its search_path
+// ConnectMeta opens a normal connection for catalog queries. Its search_path
 // is pg_catalog only, so format_type() schema-qualifies every other type.
-func connectMeta(ctx context.Context, dsn string) (*pgx.Conn, error) {
+func ConnectMeta(ctx context.Context, dsn string) (*pgx.Conn, error) {
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		return nil, permanent(fmt.Errorf("parse postgres connection string: %w", err), "correct the site's postgres setting")

@@ -140,7 +140,7 @@ type syncRun struct {
 type tablePlan struct {
 	def      *TableDef
 	create   bool
-	recreate bool // an interrupted sync created it: drop it and start over
+	recreate bool  // an interrupted sync created it: drop it and start over
 	rows     int64 // estimated
 	bytes    int64
 	chunks   []keyRange
@@ -167,10 +167,10 @@ func (s *syncRun) close(ctx context.Context) {
 
 func (s *syncRun) run(ctx context.Context) (SyncResult, error) {
 	var err error
-	if s.srcMeta, err = connectMeta(ctx, s.cfg.SourceDSN); err != nil {
+	if s.srcMeta, err = ConnectMeta(ctx, s.cfg.SourceDSN); err != nil {
 		return SyncResult{}, fmt.Errorf("primary: %w", err)
 	}
-	if s.tgtMeta, err = connectMeta(ctx, s.cfg.TargetDSN); err != nil {
+	if s.tgtMeta, err = ConnectMeta(ctx, s.cfg.TargetDSN); err != nil {
 		return SyncResult{}, fmt.Errorf("site %s: %w", s.cfg.Site, err)
 	}
 	if s.tgt, err = connectApply(ctx, ApplyConfig{Site: s.cfg.Site, DSN: s.cfg.TargetDSN}); err != nil {
@@ -195,6 +195,14 @@ func (s *syncRun) run(ctx context.Context) (SyncResult, error) {
 	}
 	if err := s.finish(ctx, lsn, seq); err != nil {
 		return SyncResult{}, err
+	}
+	// the site is a replica: applications must not write to what it copied
+	tables := make([]Table, len(s.plans))
+	for i, p := range s.plans {
+		tables[i] = p.def.Table
+	}
+	if err := Fence(ctx, s.tgtMeta, s.cfg.Cluster, tables, 5*time.Second, s.log); err != nil {
+		return SyncResult{}, fmt.Errorf("site %s: %w", s.cfg.Site, err)
 	}
 	res := SyncResult{LSN: lsn, StreamSeq: seq}
 	for _, p := range s.plans {
@@ -457,7 +465,7 @@ func (w *copyWorker) close(ctx context.Context) {
 }
 
 func (s *syncRun) newWorker(ctx context.Context, snapshot string) (*copyWorker, error) {
-	src, err := connectMeta(ctx, s.cfg.SourceDSN)
+	src, err := ConnectMeta(ctx, s.cfg.SourceDSN)
 	if err != nil {
 		return nil, fmt.Errorf("primary: %w", err)
 	}

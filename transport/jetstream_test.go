@@ -79,7 +79,7 @@ func TestStreamsPublishSubscribe(t *testing.T) {
 		}
 	}
 	pub := NewPublisher(js[0], "shop", "dc-a")
-	if last, err := pub.Resume(ctx); err != nil || last != nil {
+	if last, err := pub.Resume(ctx, 1); err != nil || last != nil {
 		t.Fatalf("resume on an empty stream: %v, %v", last, err)
 	}
 	var acks []<-chan error
@@ -145,7 +145,7 @@ func TestPublisherRefusesGaps(t *testing.T) {
 		}
 	}
 	pub := NewPublisher(js[0], "shop", "dc-a")
-	if _, err := pub.Resume(ctx); err != nil {
+	if _, err := pub.Resume(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
 	done, err := pub.Publish(ctx, runBatch("dc-a", 10))
@@ -162,7 +162,7 @@ func TestPublisherRefusesGaps(t *testing.T) {
 	if err := wait(t, done); err == nil {
 		t.Fatal("a publish after a foreign message was stored; want it refused (wrong last sequence)")
 	}
-	last, err := pub.Resume(ctx)
+	last, err := pub.Resume(ctx, 1)
 	if err != nil || last == nil || last.LastLSN() != 10 {
 		t.Fatalf("resume: got %v, %v; want the batch ending at LSN 10", last, err)
 	}
@@ -178,7 +178,7 @@ func TestPublisherRefusesGaps(t *testing.T) {
 		return b
 	}
 	for range 2 {
-		if _, err := pub.Resume(ctx); err != nil {
+		if _, err := pub.Resume(ctx, 1); err != nil {
 			t.Fatal(err)
 		}
 		done, err := pub.Publish(ctx, chunk())

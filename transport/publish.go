@@ -45,9 +45,11 @@ func NewPublisher(js jetstream.JetStream, cluster, origin string) *Publisher {
 const resumeScan = 1000
 
 // Resume reads the end of the stream: it returns the last batch the stream
-// holds on the origin's subject (nil when it holds none) and makes the next
-// publish follow the stream's last message.
-func (p *Publisher) Resume(ctx context.Context) (*change.Batch, error) {
+// holds from this origin in epoch (nil when there is none within the last
+// messages) and makes the next publish follow the stream's last message.
+// Messages it cannot read, or of other origins or epochs (a stale
+// message injected at the end), are passed over.
+func (p *Publisher) Resume(ctx context.Context, epoch uint64) (*change.Batch, error) {
 	st, err := p.js.Stream(ctx, p.stream)
 	if err != nil {
 		return nil, fmt.Errorf("look up stream %s: %w", p.stream, err)
@@ -69,7 +71,7 @@ func (p *Publisher) Resume(ctx context.Context) (*change.Batch, error) {
 			continue
 		}
 		b, err := Decode(raw.Data)
-		if err != nil {
+		if err != nil || b.Origin != p.origin || b.Epoch != epoch {
 			continue // not ours; apply agents report it
 		}
 		return b, nil

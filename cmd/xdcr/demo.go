@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/spf13/cobra"
 
+	"github.com/xdcr/xdcr/checkpoints"
 	"github.com/xdcr/xdcr/deploy/topology"
 	"github.com/xdcr/xdcr/internal/api"
 	"github.com/xdcr/xdcr/replicator"
@@ -28,8 +29,10 @@ func newDemoCmd(g *globalOptions) *cobra.Command {
 		Short: "A guided tour on three local datacenters",
 		Long: `Start three datacenters on this machine (as ` + "`xdcr dev`" + ` does), then walk
 through what xdcr does: transactions written on the primary arrive on every
-replica whole and in order, a large transaction is applied atomically, and
-an agent killed with SIGKILL resumes without losing or repeating anything.
+replica whole and in order, each site's cache is invalidated from its own
+replica (when redis-server is installed: one per site), a large transaction
+is applied atomically, and an agent killed with SIGKILL resumes without
+losing or repeating anything.
 Everything it starts is stopped at the end; --keep leaves the data behind.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -77,7 +80,12 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 	t.say("fsync before every acknowledgement); the NATS servers form an isolated")
 	t.say("leaf-node mesh; one xdcr agent runs per site. Starting…")
 	start := time.Now()
-	env, err := startLocal(ctx, 3, dir, true, log)
+	caches, err := startDemoCaches(ctx, dir, log)
+	if err != nil {
+		return err
+	}
+	defer caches.close()
+	env, err := startLocal(ctx, 3, dir, true, caches.tune, log)
 	if err != nil {
 		return err
 	}
@@ -140,6 +148,11 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 		return err
 	}
 
+	t.section("Each site's cache is invalidated from its own replica")
+	if err := t.cacheStep(ctx, conn, caches); err != nil {
+		return err
+	}
+
 	t.section("One large transaction, applied all at once")
 	t.say("50,000 orders in a single transaction: capture splits it into chunks")
 	t.say("below NATS's message size; each replica applies them in one target")
@@ -196,6 +209,42 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 		t.say("  %s has applied %s up to %s (stream seq %d)", s, pos.Origin, pos.LSN, pos.Seq)
 	}
 
+	t.section("A planned switchover: " + replica + " becomes the primary")
+	t.say("The primary fences its database (its replicated tables refuse writes),")
+	t.say("publishes everything committed before the fence and hands over the LSN of")
+	t.say("the last transaction; %s applies up to exactly that LSN, the epoch is", replica)
+	t.say("bumped through Raft, %s advances its sequences and starts capturing,", replica)
+	t.say("and every other site, the old primary included, follows it. Nothing is lost.")
+	client := api.NewClient(5 * time.Second)
+	st, err := fetchStatus(ctx, client, c.Config)
+	if err != nil {
+		return err
+	}
+	resp, err := startPromotion(ctx, client, c.Config, api.PromoteRequest{To: replica, ExpectedEpoch: st.Epoch})
+	if err != nil {
+		return err
+	}
+	if err := watchPromotion(ctx, w, client, c.Config, resp, 2*time.Minute); err != nil {
+		return err
+	}
+	c.Config.Primary = replica // in memory, for the checks below
+	newConn, err := pgx.Connect(ctx, c.DSN(replica))
+	if err != nil {
+		return err
+	}
+	defer newConn.Close(context.WithoutCancel(ctx))
+	var id int64
+	if err := newConn.QueryRow(ctx, `INSERT INTO orders (account_id, amount, note) VALUES (1, 1, 'on the new primary') RETURNING id`).Scan(&id); err != nil {
+		return err
+	}
+	t.say("  an order written on %s got id %d: its sequence continued above the old primary's", replica, id)
+	if _, err := conn.Exec(ctx, `INSERT INTO accounts (id, email) VALUES (9999, 'late@example.com')`); err != nil {
+		t.say("  and %s now refuses writes: %v", primary, err)
+	}
+	if err := t.converge(ctx); err != nil {
+		return err
+	}
+
 	t.section("Done")
 	t.say("Try it yourself: `xdcr dev --sites 3 --dir /tmp/xdcr` runs the same")
 	t.say("playground until you press Ctrl-C, and prints its connection strings.")
@@ -203,13 +252,30 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 }
 
 // lag prints what `xdcr lag` prints.
+// It retries for a while: right after an agent is killed, the Raft group
+// may be electing a new leader.
 func (t *tour) lag(ctx context.Context) error {
-	st, err := fetchStatus(ctx, api.NewClient(3*time.Second), t.env.cluster.Config)
-	if err != nil {
-		return err
+	var err error
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); {
+		var st checkpoints.Status
+		if st, err = fetchStatus(ctx, api.NewClient(3*time.Second), t.env.cluster.Config); err == nil {
+			renderLag(t.w, st)
+			return nil
+		}
+		if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+			return err
+		}
 	}
-	renderLag(t.w, st)
-	return nil
+	return err
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
 }
 
 // converge waits until every replica equals the primary and says how long

@@ -14,6 +14,7 @@ import (
 
 	"github.com/xdcr/xdcr/deploy/local"
 	"github.com/xdcr/xdcr/deploy/topology"
+	"github.com/xdcr/xdcr/internal/config"
 )
 
 // devSchema is the playground's tables, created on every site.
@@ -71,7 +72,7 @@ replica, then start ` + "`xdcr agent --config DIR/xdcr.yaml --node ID`" + ` per 
 			if err := prepareDir(o.dir); err != nil {
 				return &exitError{exitUsage, err}
 			}
-			env, err := startLocal(cmd.Context(), o.sites, o.dir, !o.noAgents, log)
+			env, err := startLocal(cmd.Context(), o.sites, o.dir, !o.noAgents, nil, log)
 			if err != nil {
 				return err
 			}
@@ -110,7 +111,9 @@ type localEnv struct {
 	cluster *topology.Cluster
 }
 
-func startLocal(ctx context.Context, n int, dir string, agents bool, log *slog.Logger) (env *localEnv, err error) {
+// startLocal starts n sites in dir and a cluster on them; tune, when set,
+// adjusts its config before it is written.
+func startLocal(ctx context.Context, n int, dir string, agents bool, tune func(*config.Config), log *slog.Logger) (env *localEnv, err error) {
 	dir, err = filepath.Abs(dir)
 	if err != nil {
 		return nil, err
@@ -135,6 +138,7 @@ func startLocal(ctx context.Context, n int, dir string, agents bool, log *slog.L
 		Schema: devSchema,
 		Binary: bin,
 		Dir:    dir,
+		Tune:   tune,
 		Logger: log,
 	})
 	if err != nil {

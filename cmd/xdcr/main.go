@@ -24,6 +24,7 @@ const (
 	exitOK      = 0
 	exitFailure = 1
 	exitUsage   = 2
+	exitDiff    = 4 // xdcr verify found differences
 )
 
 // exitError carries the process exit code chosen by a command.
@@ -116,7 +117,9 @@ exactly once and in commit order, to the site's own PostgreSQL.`,
 	root.SetErr(stderr)
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "auto", "log format: auto (text on a terminal, else json), json, text")
-	root.AddCommand(newAgentCmd(g), newLagCmd(g), newSyncCmd(g), newDevCmd(g), newDemoCmd(g))
+	root.AddCommand(newAgentCmd(g), newLagCmd(g), newPromoteCmd(g), newSyncCmd(g), newDevCmd(g), newDemoCmd(g))
+	root.AddCommand(newVerifyCmd(g))
+	root.AddCommand(newCacheCmd(g))
 	return root
 }
 

@@ -49,10 +49,16 @@ type Agent struct {
 	metrics *metrics
 	client  *api.Client
 
-	raft *consensus.Node // set by Run
+	raft  *consensus.Node // set by Run
+	lease *sourceLease    // this site's lease as the primary of its epoch
+
+	cache *siteCache // cache invalidation (cache.go); set by runPipeline, nil without cache: templates
 
 	mu       sync.Mutex
 	pipeline pipelineState
+	capture  *replicator.Capture // the running capture, for a drain
+	hold     bool                // a promotion holds the pipeline
+	cancel   context.CancelFunc  // ends the running pipeline
 }
 
 // pipelineState is what the site's pipeline last said about itself.
@@ -89,6 +95,7 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 		log:     log.With("node", id, "site", node.Site),
 		metrics: newMetrics(opts.Version),
 		client:  api.NewClient(5 * time.Second),
+		lease:   &sourceLease{timeout: leaseTimeout},
 	}, nil
 }
 
@@ -128,6 +135,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.bootstrap(gctx) })
 	g.Go(func() error { return a.report(gctx) })
+	g.Go(func() error { return a.promotions(gctx) })
 	if !a.node.IsWitness() {
 		g.Go(func() error { return a.runPipeline(gctx) })
 	}
@@ -220,13 +228,27 @@ func (a *Agent) runPipeline(ctx context.Context) error {
 	if err := a.ensureStreams(ctx, js); err != nil {
 		return err
 	}
+	closeCache, err := a.openCache(ctx, nc, js) // cache.go: before capture may start
+	if err != nil {
+		return err
+	}
+	defer closeCache()
 	for {
 		role, err := a.role(ctx)
 		if err != nil {
 			return err
 		}
+		if a.held() {
+			// a promotion holds this site's pipeline while it reads the
+			// position it hands over; wait for the role to change
+			if err := a.waitRoleChange(ctx, role); err != nil {
+				return err
+			}
+			continue
+		}
 		a.setPipeline(func(p *pipelineState) { *p = pipelineState{running: true, role: role, state: replicator.StateStarting} })
 		runCtx, cancel := context.WithCancel(ctx)
+		a.setPipelineCancel(cancel)
 		done := make(chan error, 1)
 		go func() { done <- a.pipelineFor(runCtx, js, role) }()
 		for changed := false; !changed; {
@@ -234,15 +256,33 @@ func (a *Agent) runPipeline(ctx context.Context) error {
 			case err := <-done:
 				cancel()
 				a.setPipeline(func(p *pipelineState) { p.running = false })
-				return err
+				switch {
+				case ctx.Err() != nil:
+					return ctx.Err()
+				case errors.Is(err, context.Canceled), errors.Is(err, replicator.ErrDrained):
+					// held by a promotion, or handed over: wait for the new role
+					if err := a.waitRoleChange(ctx, role); err != nil {
+						return err
+					}
+				case errors.Is(err, replicator.ErrLeaseLost):
+					if err := a.leaseLost(ctx, role); err != nil {
+						return err
+					}
+				default:
+					return err
+				}
+				changed = true
 			case <-a.raft.Changes():
 				st := a.raft.LocalState()
 				changed = st.Primary != role.Primary || st.Epoch != role.Epoch
+				if changed {
+					cancel()
+					<-done
+					a.setPipeline(func(p *pipelineState) { p.running = false })
+				}
 			}
 		}
-		cancel()
-		<-done
-		a.log.Info("role changed; restarting the pipeline", "old_primary", role.Primary, "old_epoch", role.Epoch)
+		a.log.Info("restarting the pipeline", "primary", role.Primary, "epoch", role.Epoch)
 	}
 }
 
@@ -250,10 +290,18 @@ func (a *Agent) runPipeline(ctx context.Context) error {
 func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Role) error {
 	site := a.cfg.Sites[a.node.Site]
 	obs := &observer{a: a}
+	tables, err := a.tables()
+	if err != nil {
+		return err
+	}
 	if role.Primary == a.node.Site {
-		tables, err := a.tables()
-		if err != nil {
+		// publish only as the confirmed primary of the epoch
+		if err := a.confirmPrimary(ctx, role); err != nil {
 			return err
+		}
+		var seqs map[string]int64
+		if end, ok := a.raft.LocalState().EpochEnded(role.Epoch - 1); ok && end.Successor == a.node.Site {
+			seqs = end.Sequences
 		}
 		c := replicator.NewCapture(replicator.CaptureConfig{
 			Cluster:        a.cfg.Cluster,
@@ -265,17 +313,36 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 			FlushInterval:  a.cfg.Capture.FlushInterval,
 			StatusInterval: a.cfg.Capture.StatusInterval,
 			MaxInFlight:    a.cfg.Capture.MaxInFlight,
-		}, transport.NewPublisher(js, a.cfg.Cluster, a.node.Site), a.log, obs)
+			Sequences:      seqs,
+		}, transport.NewPublisher(js, a.cfg.Cluster, a.node.Site), a.lease, a.log, obs)
+		a.setCapture(c)
+		defer a.setCapture(nil)
 		return c.Run(ctx)
 	}
+	// a replica: applications must not write here
+	if err := a.fenceOwn(ctx, tables); err != nil {
+		return err
+	}
+	if err := a.reconcileOldPrimary(ctx, js, tables); err != nil {
+		return err
+	}
+	st := a.raft.LocalState()
+	var history []replicator.EpochEnd
+	for _, e := range st.History {
+		history = append(history, replicator.EpochEnd{Epoch: e.Epoch, Primary: e.Primary, Successor: e.Successor, EndLSN: e.EndLSN})
+	}
+	cluster := a.cfg.Cluster
 	ap := replicator.NewApply(replicator.ApplyConfig{
 		Cluster:       a.cfg.Cluster,
 		Site:          a.node.Site,
 		DSN:           site.Postgres,
-		Stream:        transport.StreamName(a.cfg.Cluster, role.Primary),
+		Primary:       role.Primary,
+		Epoch:         role.Epoch,
+		History:       history,
+		StreamOf:      func(site string) string { return transport.StreamName(cluster, site) },
 		MaxBatchTxns:  a.cfg.Apply.MaxBatchTxns,
 		MaxBatchBytes: a.cfg.Apply.MaxBatchBytes,
-	}, transport.NewSubscriber(js), a.log, obs, nil)
+	}, transport.NewSubscriber(js), a.log, obs, a.cacheKeys())
 	return ap.Run(ctx)
 }
 

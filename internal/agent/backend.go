@@ -70,7 +70,8 @@ func (a *Agent) Propose(ctx context.Context, cmd []byte, forwarded bool) error {
 func rejected(err error) bool {
 	for _, e := range []error{checkpoints.ErrNotBootstrapped, checkpoints.ErrAlreadyBootstrapped, checkpoints.ErrClusterMismatch,
 		checkpoints.ErrUnknownSite, checkpoints.ErrNotPrimary, checkpoints.ErrNotReplica, checkpoints.ErrStaleEpoch,
-		checkpoints.ErrFutureEpoch, checkpoints.ErrRegression, checkpoints.ErrUnsupportedVersion, checkpoints.ErrInvalidCommand} {
+		checkpoints.ErrFutureEpoch, checkpoints.ErrRegression, checkpoints.ErrUnsupportedVersion, checkpoints.ErrInvalidCommand,
+		checkpoints.ErrEpochMoved, checkpoints.ErrPromotionInProgress, checkpoints.ErrNoPromotion} {
 		if errors.Is(err, e) {
 			return true
 		}
@@ -154,7 +155,18 @@ func (a *Agent) report(ctx context.Context) error {
 		if !ok {
 			continue
 		}
-		if err := a.propose(ctx, cmd); err != nil && ctx.Err() == nil {
+		sent := time.Now()
+		err := a.propose(ctx, cmd)
+		if cmd.Op == checkpoints.OpSource {
+			// a majority accepted this site as the primary of the epoch
+			switch {
+			case err == nil:
+				a.lease.confirm(sent)
+			case errors.Is(err, checkpoints.ErrStaleEpoch), errors.Is(err, checkpoints.ErrNotPrimary):
+				a.lease.revoke()
+			}
+		}
+		if err != nil && ctx.Err() == nil {
 			a.log.Debug("report position", "err", err)
 		}
 	}

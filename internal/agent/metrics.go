@@ -22,10 +22,12 @@ type metrics struct {
 	applyBatch    prometheus.Histogram
 	errors        *prometheus.CounterVec
 	retainedWAL   prometheus.Gauge
+	dropped       prometheus.Counter
 	syncRunning   prometheus.Gauge
 	syncRows      *prometheus.GaugeVec
 	syncRowsTotal *prometheus.GaugeVec
 	syncBytes     *prometheus.GaugeVec
+	cache         *cacheMetrics // cache.go
 }
 
 func newMetrics(version string) *metrics {
@@ -59,9 +61,13 @@ func newMetrics(version string) *metrics {
 		}, []string{"kind"}),
 		retainedWAL: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "xdcr_slot_retained_wal_bytes",
-			Help: "WAL the replication slot keeps on the primary (pg_current_wal_lsn() - restart_lsn).",
+			Help: "WAL the replication slot keeps on the primary (pg_current_wal_insert_lsn() - restart_lsn).",
 		}),
 	}
+	m.dropped = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "xdcr_dropped_batches_total",
+		Help: "Batches apply did not apply: an older epoch's, or not from the primary of the epoch it applies (fencing).",
+	})
 	m.syncRunning = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "xdcr_sync_running",
 		Help: "1 while xdcr sync copies tables into this site (apply waits).",
@@ -85,7 +91,8 @@ func newMetrics(version string) *metrics {
 	})
 	build.Set(1)
 	r.MustRegister(m.publishedTxns, m.publishedRows, m.appliedTxns, m.appliedRows, m.applyBatch, m.errors,
-		m.retainedWAL, m.syncRunning, m.syncRows, m.syncRowsTotal, m.syncBytes, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		m.retainedWAL, m.dropped, m.syncRunning, m.syncRows, m.syncRowsTotal, m.syncBytes, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.cache = newCacheMetrics(r)
 	for _, k := range []string{"schema", "gap", "malformed", "slot", "permanent", "transient"} {
 		m.errors.WithLabelValues(k)
 	}

@@ -41,4 +41,12 @@ func (o *observer) Applied(ap replicator.ApplyProgress) {
 		p.catchUp = ap.CatchingUp
 	})
 	o.a.metrics.observeApply(ap)
+	if ap.Txns > 0 {
+		o.a.cache.wake() // the commit may have queued invalidations
+	}
+}
+
+func (o *observer) Dropped(origin string, epoch uint64) {
+	o.a.metrics.dropped.Inc()
+	o.a.log.Warn("dropped a batch of another epoch or origin", "origin", origin, "epoch", epoch)
 }

@@ -36,6 +36,31 @@ type Backend interface {
 	// Ready returns nil when the node serves its purpose: a member of a Raft
 	// group with a leader, and its pipeline running. Otherwise it says why.
 	Ready() error
+	// Promote starts moving the primary to another site.
+	Promote(ctx context.Context, req PromoteRequest, forwarded bool) (PromoteResponse, error)
+}
+
+// PromoteRequest is the body of POST /v1/promote.
+type PromoteRequest struct {
+	To string `json:"to"`
+	// Force fails over without the old primary (it is gone); without it,
+	// a planned switchover that needs the old primary healthy.
+	Force bool `json:"force,omitempty"`
+	// ExpectedEpoch, when set, refuses the promotion if the cluster left
+	// that epoch meanwhile.
+	ExpectedEpoch uint64 `json:"expected_epoch,omitempty"`
+	// ID names the promotion; repeating a request with the same ID is
+	// harmless.
+	ID string `json:"id,omitempty"`
+}
+
+// PromoteResponse says which promotion runs.
+type PromoteResponse struct {
+	ID    string `json:"id"`
+	Kind  string `json:"kind"`
+	From  string `json:"from"`
+	To    string `json:"to"`
+	Epoch uint64 `json:"epoch"` // the epoch that ends
 }
 
 // Error is the JSON body of every failed request.
@@ -81,6 +106,7 @@ func NewServer(addr string, backend Backend, registry *prometheus.Registry, log 
 	mux.Handle("GET /metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}))
 	mux.HandleFunc("GET /v1/status", s.status)
 	mux.HandleFunc("POST /v1/internal/propose", s.propose)
+	mux.HandleFunc("POST /v1/promote", s.promote)
 	s.srv = &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return s
 }
@@ -145,6 +171,23 @@ func (s *Server) propose(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) promote(w http.ResponseWriter, r *http.Request) {
+	var req PromoteRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxCommand)).Decode(&req); err != nil || req.To == "" {
+		if err == nil {
+			err = errors.New(`"to" names no site`)
+		}
+		s.fail(w, &StatusError{HTTP: http.StatusBadRequest, Code: CodeBadRequest, Err: err})
+		return
+	}
+	resp, err := s.backend.Promote(r.Context(), req, r.Header.Get(ForwardedHeader) != "")
+	if err != nil {
+		s.fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusAccepted, resp)
 }
 
 func (s *Server) fail(w http.ResponseWriter, err error) {

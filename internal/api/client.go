@@ -95,3 +95,32 @@ func url(addr, path string) string {
 	}
 	return "http://" + addr + path
 }
+
+// Promote asks the node at addr to start a promotion.
+func (c *Client) Promote(ctx context.Context, addr string, req PromoteRequest, forwarded bool) (PromoteResponse, error) {
+	var out PromoteResponse
+	body, err := json.Marshal(req)
+	if err != nil {
+		return out, err
+	}
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, url(addr, "/v1/promote"), bytes.NewReader(body))
+	if err != nil {
+		return out, err
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	if forwarded {
+		hreq.Header.Set(ForwardedHeader, "1")
+	}
+	resp, err := c.HTTP.Do(hreq)
+	if err != nil {
+		return out, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return out, remoteError(addr, resp)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		return out, fmt.Errorf("%s: decode the promotion: %w", addr, err)
+	}
+	return out, nil
+}

@@ -41,13 +41,30 @@ type Config struct {
 	Sites map[string]Site
 	// Nodes are the Raft members by node id.
 	Nodes map[string]Node
-	// Cache maps a table (normalized, one of Tables) to the templates of the
-	// cache keys its rows produce, e.g. "account:{id}".
-	Cache map[string][]string
+	// Cache maps a table (normalized, one of Tables) to what its rows put in
+	// the sites' caches: the templates of their keys, e.g. "account:{id}",
+	// and an optional warm query.
+	Cache map[string]CacheTable
 
-	Capture Capture
-	Apply   Apply
-	Stream  Stream
+	Capture      Capture
+	Apply        Apply
+	Stream       Stream
+	Invalidation Invalidation
+}
+
+// CacheTable is what one table's rows put in every site's caches.
+type CacheTable struct {
+	// Keys are the templates of the cache keys a row produces, such as
+	// "account:{id}" or "orders:{tenant_id}:{id}": {column} stands for the
+	// row's value of that column in PostgreSQL's text form. The columns are
+	// checked against the database when the agent starts (see
+	// [TemplateColumns]).
+	Keys []string
+	// Warm is an optional query (SELECT, WITH, VALUES or TABLE) over the
+	// site's own database whose rows `xdcr cache rebuild` stores under
+	// their keys, as JSON; its columns must include every template column.
+	// Empty means rebuild only drops the table's keys.
+	Warm string
 }
 
 // Site is one datacenter's services.
@@ -112,6 +129,14 @@ type Apply struct {
 	MaxBatchBytes int
 }
 
+// Invalidation tunes the cache invalidation that runs in every site.
+type Invalidation struct {
+	// MaxOutboxRows bounds the invalidations a site keeps waiting while its
+	// cache is unreachable. Beyond it the backlog is collapsed into a flush
+	// of every key of the tables it touched. Default 100000; 100..100000000.
+	MaxOutboxRows int
+}
+
 // Stream sets the retention of each site's change stream.
 type Stream struct {
 	// MaxAge is how long a site keeps changes. Default 168h; [Unlimited]
@@ -137,6 +162,12 @@ func DefaultCapture() Capture {
 // DefaultApply returns the apply settings used for zero fields.
 func DefaultApply() Apply {
 	return Apply{MaxBatchTxns: 1000, MaxBatchBytes: 8 << 20}
+}
+
+// DefaultInvalidation returns the invalidation settings used for zero
+// fields.
+func DefaultInvalidation() Invalidation {
+	return Invalidation{MaxOutboxRows: 100_000}
 }
 
 // DefaultStream returns the stream settings used for zero fields.
@@ -172,6 +203,13 @@ func (a Apply) withDefaults() Apply {
 	return a
 }
 
+func (i Invalidation) withDefaults() Invalidation {
+	if i.MaxOutboxRows == 0 {
+		i.MaxOutboxRows = DefaultInvalidation().MaxOutboxRows
+	}
+	return i
+}
+
 func (s Stream) withDefaults() Stream {
 	d := DefaultStream()
 	if s.MaxAge == 0 {
@@ -190,6 +228,7 @@ func (c *Config) ApplyDefaults() {
 	c.Capture = c.Capture.withDefaults()
 	c.Apply = c.Apply.withDefaults()
 	c.Stream = c.Stream.withDefaults()
+	c.Invalidation = c.Invalidation.withDefaults()
 }
 
 // Load reads the file at path and parses it with [Parse], expanding ${VAR}
@@ -238,7 +277,7 @@ func Parse(data []byte, lookupEnv func(string) (string, bool)) (*Config, error) 
 	c.ApplyDefaults()
 
 	errs := d.errs
-	for _, e := range c.validate(d.raw) {
+	for _, e := range c.validate(d.raw, d.cacheLong) {
 		if !d.failedAt(e.Path) {
 			errs = append(errs, e)
 		}
@@ -350,9 +389,10 @@ func (c *Config) clone() *Config {
 	r.Sites = maps.Clone(c.Sites)
 	r.Nodes = maps.Clone(c.Nodes)
 	if c.Cache != nil {
-		r.Cache = make(map[string][]string, len(c.Cache))
+		r.Cache = make(map[string]CacheTable, len(c.Cache))
 		for k, v := range c.Cache {
-			r.Cache[k] = slices.Clone(v)
+			v.Keys = slices.Clone(v.Keys)
+			r.Cache[k] = v
 		}
 	}
 	return &r

@@ -62,10 +62,11 @@ func TestParseDesignExample(t *testing.T) {
 			"b1": {Site: "dc-b", Raft: "10.2.0.5:7000", HTTP: "10.2.0.5:7070"},
 			"w1": {Site: WitnessSite, Raft: "10.3.0.5:7000", HTTP: "10.3.0.5:7070"},
 		},
-		Cache:   map[string][]string{"public.accounts": {"account:{id}"}},
-		Capture: DefaultCapture(),
-		Apply:   DefaultApply(),
-		Stream:  DefaultStream(),
+		Cache:        map[string]CacheTable{"public.accounts": {Keys: []string{"account:{id}"}}},
+		Capture:      DefaultCapture(),
+		Apply:        DefaultApply(),
+		Stream:       DefaultStream(),
+		Invalidation: DefaultInvalidation(),
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("got  %+v\nwant %+v", c, want)
@@ -127,7 +128,7 @@ func TestParseAllKeys(t *testing.T) {
 	if want := []string{"public.payments", `"Ledger"."Entries"`, "audit.log"}; !reflect.DeepEqual(c.Tables, want) {
 		t.Errorf("tables: got %q, want %q", c.Tables, want)
 	}
-	if want := []string{"entry:{Id}"}; !reflect.DeepEqual(c.Cache[`"Ledger"."Entries"`], want) {
+	if want := []string{"entry:{Id}"}; !reflect.DeepEqual(c.Cache[`"Ledger"."Entries"`].Keys, want) {
 		t.Errorf("cache: got %q", c.Cache)
 	}
 	if _, ok := c.Cache["public.payments"]; !ok {
@@ -163,7 +164,7 @@ func TestExampleFile(t *testing.T) {
 		t.Errorf("example lost its nodes, tables or cache: %+v", c)
 	}
 	// Every key of the format appears in the example.
-	for _, keys := range [][]string{rootKeys, siteKeys, nodeKeys, captureKeys, applyKeys, streamKeys} {
+	for _, keys := range [][]string{rootKeys, siteKeys, nodeKeys, cacheTableKeys, captureKeys, applyKeys, streamKeys, invalidationKeys} {
 		for _, k := range keys {
 			if !strings.Contains(string(data), k+":") {
 				t.Errorf("the example does not show key %q", k)

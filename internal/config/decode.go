@@ -11,12 +11,14 @@ import (
 
 // The keys each mapping of the file accepts, in the order of the file.
 var (
-	rootKeys    = []string{"cluster", "primary", "tables", "sites", "nodes", "cache", "capture", "apply", "stream"}
-	siteKeys    = []string{"postgres", "nats", "redis"}
-	nodeKeys    = []string{"site", "raft", "http"}
-	captureKeys = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval"}
-	applyKeys   = []string{"max_batch_txns", "max_batch_bytes"}
-	streamKeys  = []string{"max_age", "max_bytes", "duplicate_window"}
+	rootKeys         = []string{"cluster", "primary", "tables", "sites", "nodes", "cache", "capture", "apply", "stream", "invalidation"}
+	siteKeys         = []string{"postgres", "nats", "redis"}
+	nodeKeys         = []string{"site", "raft", "http"}
+	cacheTableKeys   = []string{"keys", "warm"}
+	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval"}
+	applyKeys        = []string{"max_batch_txns", "max_batch_bytes"}
+	streamKeys       = []string{"max_age", "max_bytes", "duplicate_window"}
+	invalidationKeys = []string{"max_outbox_rows"}
 )
 
 // decoder walks the YAML node tree into a Config. It expands ${VAR} in
@@ -29,6 +31,9 @@ type decoder struct {
 	raw       map[string]string // path → text as written, for values with ${VAR}
 	failed    []string          // paths that could not be decoded
 	secrets   []string          // values substituted from the environment
+	// cacheLong holds the cache tables (normalized) written in the long
+	// form {keys: [...], warm: ...}, whose templates live under .keys.
+	cacheLong map[string]bool
 }
 
 func newDecoder(lookupEnv func(string) (string, bool)) *decoder {
@@ -36,6 +41,7 @@ func newDecoder(lookupEnv func(string) (string, bool)) *decoder {
 		lookupEnv: lookupEnv,
 		lines:     map[string]int{},
 		raw:       map[string]string{},
+		cacheLong: map[string]bool{},
 	}
 }
 
@@ -99,7 +105,7 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 	c := &Config{
 		Sites: map[string]Site{},
 		Nodes: map[string]Node{},
-		Cache: map[string][]string{},
+		Cache: map[string]CacheTable{},
 	}
 	root := doc
 	if root.Kind == yaml.DocumentNode {
@@ -141,6 +147,10 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 		c.Stream.MaxAge = d.maxAge(g["max_age"], "stream.max_age")
 		c.Stream.MaxBytes = d.maxBytes(g["max_bytes"], "stream.max_bytes")
 		c.Stream.DuplicateWindow = d.duration(g["duplicate_window"], "stream.duplicate_window")
+	}
+	if n := f["invalidation"]; n != nil {
+		g := d.fields(n, "invalidation", invalidationKeys)
+		c.Invalidation.MaxOutboxRows = d.integer(g["max_outbox_rows"], "invalidation.max_outbox_rows")
 	}
 	return c
 }
@@ -417,6 +427,11 @@ func (d *decoder) nodes(n *yaml.Node, c *Config) {
 	}
 }
 
+// cacheExample shows both forms of a cache entry in messages.
+const cacheExample = `["account:{id}"], or {keys: ["account:{id}"], warm: "SELECT * FROM public.accounts"}`
+
+// cache decodes the cache entries. An entry is a list of key templates
+// (the short form) or a mapping {keys: [...], warm: "SELECT ..."}.
 func (d *decoder) cache(n *yaml.Node, c *Config) {
 	firstLine := map[string]int{}
 	for _, e := range d.entries(n, "cache", `cache: {public.accounts: ["account:{id}"]}`) {
@@ -435,26 +450,75 @@ func (d *decoder) cache(n *yaml.Node, c *Config) {
 				d.setLine(np, e.line)
 			}
 		}
-		items, ok := d.list(e.val, p, `["account:{id}"]`)
-		if !ok {
-			continue
-		}
-		templates := make([]string, 0, len(items))
-		for i, it := range items {
-			ip := indexPath(p, i)
-			s, ok := d.scalar(it, ip)
+		np := joinPath("cache", key)
+		val := deref(e.val)
+		var ct CacheTable
+		if val != nil && val.Kind == yaml.MappingNode {
+			d.cacheLong[key] = true
+			f := d.fields(val, p, cacheTableKeys)
+			if f["keys"] == nil {
+				// Validate reports the missing templates; keep the line.
+				d.setLine(np+".keys", e.line)
+			}
+			keys, ok := d.cacheKeys(f["keys"], p+".keys", np+".keys")
 			if !ok {
 				continue
 			}
-			if np := indexPath(joinPath("cache", key), i); np != ip {
-				d.setLine(np, deref(it).Line)
-				if r, ok := d.raw[ip]; ok {
-					d.raw[np] = r
+			ct.Keys = keys
+			if w := f["warm"]; w != nil {
+				wp := p + ".warm"
+				s, ok := d.scalar(w, wp)
+				if ok && s == "" {
+					d.fail(wp, deref(w).Line, "is empty", "write the query that selects the rows to warm, or remove the key")
 				}
+				d.alias(wp, np+".warm", deref(w).Line)
+				ct.Warm = s
 			}
-			templates = append(templates, s)
+		} else {
+			if !isNull(val) && val.Kind != yaml.SequenceNode {
+				d.fail(p, e.line, "must be a list, not "+kindName(val), "write it as a list: "+cacheExample)
+				continue
+			}
+			keys, ok := d.cacheKeys(e.val, p, np)
+			if !ok {
+				continue
+			}
+			ct.Keys = keys
 		}
-		c.Cache[key] = templates
+		c.Cache[key] = ct
+	}
+}
+
+// cacheKeys decodes the list of key templates at path, and false if it is
+// not a list; norm is the same path with the table name normalized, which
+// Validate reports.
+func (d *decoder) cacheKeys(n *yaml.Node, path, norm string) ([]string, bool) {
+	items, ok := d.list(n, path, `["account:{id}"]`)
+	if !ok {
+		return nil, false
+	}
+	templates := make([]string, 0, len(items))
+	for i, it := range items {
+		ip := indexPath(path, i)
+		s, ok := d.scalar(it, ip)
+		if !ok {
+			continue
+		}
+		d.alias(ip, indexPath(norm, i), deref(it).Line)
+		templates = append(templates, s)
+	}
+	return templates, true
+}
+
+// alias makes path np (the normalized spelling of p) point at p's line
+// and raw text, so Validate's messages about np find both.
+func (d *decoder) alias(p, np string, line int) {
+	if np == p {
+		return
+	}
+	d.setLine(np, line)
+	if r, ok := d.raw[p]; ok {
+		d.raw[np] = r
 	}
 }
 

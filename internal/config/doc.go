@@ -24,11 +24,13 @@
 //	nodes:                        # Raft members; every site needs one
 //	  a1: {site: dc-a, raft: 10.1.0.5:7000, http: 10.1.0.5:7070}
 //	  w1: {site: witness, raft: 10.3.0.5:7000, http: 10.3.0.5:7070}
-//	cache:
+//	cache:                        # table → key templates, or {keys: [...], warm: QUERY}
 //	  public.accounts: ["account:{id}"]
+//	  public.orders: {keys: ["order:{id}"], warm: "SELECT * FROM public.orders WHERE open"}
 //	capture: {max_batch_bytes: 1MiB, flush_interval: 5ms, max_in_flight: 256, status_interval: 1s}
 //	apply:   {max_batch_txns: 1000, max_batch_bytes: 8MiB}
 //	stream:  {max_age: 168h, max_bytes: unlimited, duplicate_window: 2m}
+//	invalidation: {max_outbox_rows: 100000}
 //
 // Unknown keys are errors (with a "did you mean" for near misses), as are
 // duplicate keys, YAML merge keys (<<) and a second YAML document.
@@ -82,6 +84,7 @@
 //	stream.max_age              168h     > 0, or unlimited
 //	stream.max_bytes            0 (none) 0, or >= capture.max_batch_bytes
 //	stream.duplicate_window     2m       > 0, <= stream.max_age
+//	invalidation.max_outbox_rows 100000  100 .. 100000000
 //
 // # Rules
 //
@@ -92,11 +95,14 @@
 // used twice; the loss of any one site leaves a Raft majority (two voters
 // never do, two sites plus a witness do, and each witness node counts as its
 // own failure domain); no two sites point at the same database; connection
-// strings parse with pgconn.ParseConfig; cache entries name listed tables
-// and their templates have well-formed {column} placeholders.
+// strings parse with pgconn.ParseConfig; cache entries name listed tables,
+// their templates have well-formed {column} placeholders, and a warm query
+// is one statement that returns rows (SELECT, WITH, VALUES or TABLE, no
+// trailing ';').
 //
 // Validate is offline: it does not connect anywhere, does not check that
-// cache template columns exist, and does not require files named in a
+// cache template columns exist (the agent does, at start) nor run warm
+// queries, and does not require files named in a
 // connection string (sslrootcert, …) to exist on this machine. pgconn does
 // read PG* environment variables, as the agent will.
 //

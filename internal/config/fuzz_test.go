@@ -68,10 +68,10 @@ func FuzzParse(f *testing.F) {
 // quotes, newlines, braces and Unicode: any Config that validates must come
 // back from Parse(Marshal(c)) unchanged.
 func FuzzMarshalRoundTrip(f *testing.F) {
-	f.Add("public.orders", "order:{id}", "postgres://xdcr:pw@10.2.0.5:5432/shop", "nats://10.2.0.6:4222", "redis://10.1.0.7:6379/0", "10.2.0.5", int64(1<<20), int64(5e6))
-	f.Add(`"Odd ""$"".x"`, "a:{b}:$${c}", "host=h password='a b$$c' dbname=x", "tls://h:1, nats://g:2", "memcache://a:1,b:2", "[::1]", int64(4096), int64(-1))
-	f.Add("t$1", "\n{x}\t", "postgres://u:%24@h/db?application_name=a%20b", "nats://x:4222", "", "Host.Example.", int64(8<<20), int64(1))
-	f.Fuzz(func(t *testing.T, table, template, dsn, natsURL, redisURL, host string, batch, window int64) {
+	f.Add("public.orders", "order:{id}", "", "postgres://xdcr:pw@10.2.0.5:5432/shop", "nats://10.2.0.6:4222", "redis://10.1.0.7:6379/0", "10.2.0.5", int64(1<<20), int64(5e6))
+	f.Add(`"Odd ""$"".x"`, "a:{b}:$${c}", "SELECT * FROM public.accounts WHERE note = '$$x: {y}'", "host=h password='a b$$c' dbname=x", "tls://h:1, nats://g:2", "memcache://a:1,b:2", "[::1]", int64(4096), int64(-1))
+	f.Add("t$1", "\n{x}\t", "with a as (select 1)\nselect *\n  from a -- \"quoted\"", "postgres://u:%24@h/db?application_name=a%20b", "nats://x:4222", "", "Host.Example.", int64(8<<20), int64(1))
+	f.Fuzz(func(t *testing.T, table, template, warm, dsn, natsURL, redisURL, host string, batch, window int64) {
 		c := &Config{
 			Cluster: "shop",
 			Primary: "dc-a",
@@ -85,7 +85,7 @@ func FuzzMarshalRoundTrip(f *testing.F) {
 				"b1": {Site: "dc-b", Raft: host + ":7000", HTTP: host + ":7070"},
 				"w1": {Site: WitnessSite, Raft: "10.3.0.5:7000", HTTP: "10.3.0.5:7070"},
 			},
-			Cache: map[string][]string{"public.accounts": {template}},
+			Cache: map[string]CacheTable{"public.accounts": {Keys: []string{template}, Warm: warm}},
 		}
 		if norm, err := NormalizeTable(table); err == nil {
 			c.Tables[1] = norm

@@ -62,11 +62,19 @@ func (c *Config) Marshal() ([]byte, error) {
 	if len(c.Cache) > 0 {
 		cache := mapping(false)
 		for _, table := range slices.Sorted(maps.Keys(c.Cache)) {
+			ct := c.Cache[table]
 			seq := &yaml.Node{Kind: yaml.SequenceNode, Style: yaml.FlowStyle}
-			for _, t := range c.Cache[table] {
+			for _, t := range ct.Keys {
 				seq.Content = append(seq.Content, value(t))
 			}
-			add(cache, table, seq)
+			if ct.Warm == "" {
+				add(cache, table, seq) // the short form
+				continue
+			}
+			m := mapping(false)
+			add(m, "keys", seq)
+			addStr(m, "warm", ct.Warm)
+			add(cache, table, m)
 		}
 		add(root, "cache", cache)
 	}
@@ -99,6 +107,11 @@ func (c *Config) Marshal() ([]byte, error) {
 	}
 	addStr(stream, "duplicate_window", formatDuration(st.DuplicateWindow))
 	add(root, "stream", stream)
+
+	inv := c.Invalidation.withDefaults()
+	invalidation := mapping(false)
+	add(invalidation, "max_outbox_rows", intNode(int64(inv.MaxOutboxRows)))
+	add(root, "invalidation", invalidation)
 
 	var buf bytes.Buffer
 	enc := yaml.NewEncoder(&buf)

@@ -33,6 +33,8 @@ const (
 	maxStatusInterval    = 60 * time.Second // PostgreSQL's default wal_sender_timeout
 	minApplyBatchBytes   = 4 << 10
 	maxApplyBatchBytes   = 1 << 30
+	minOutboxRows        = 100
+	maxOutboxRows        = 100_000_000
 )
 
 // Validate checks the whole configuration and returns every problem at once,
@@ -42,7 +44,7 @@ const (
 // string (sslrootcert, …) are checked when the agent connects, not here, so
 // the file validates on a machine that lacks them.
 func (c *Config) Validate() error {
-	return joinFieldErrors(c.validate(nil))
+	return joinFieldErrors(c.validate(nil, nil))
 }
 
 // validator collects problems. raw maps paths whose value came through
@@ -51,10 +53,13 @@ type validator struct {
 	c    *Config
 	raw  map[string]string
 	errs []*FieldError
+	// cacheLong holds the cache tables written in the long form in the
+	// file; nil for a Config built in code.
+	cacheLong map[string]bool
 }
 
-func (c *Config) validate(raw map[string]string) []*FieldError {
-	v := &validator{c: c, raw: raw}
+func (c *Config) validate(raw map[string]string, cacheLong map[string]bool) []*FieldError {
+	v := &validator{c: c, raw: raw, cacheLong: cacheLong}
 	v.cluster()
 	v.primary()
 	tables := v.tables()
@@ -549,14 +554,21 @@ func (v *validator) cache(tables map[string]bool) {
 		case len(v.c.Tables) > 0 && !tables[norm]:
 			v.add(p, "table "+norm+" is not listed under tables", "add it to tables, or remove this cache entry")
 		}
-		templates := v.c.Cache[key]
-		if len(templates) == 0 {
-			v.add(p, "has no key templates", `list the cache keys a row produces, e.g. ["account:{id}"], or remove the entry`)
+		ct := v.c.Cache[key]
+		kp := p // where the templates are: the entry, or its keys in the long form
+		if v.cacheLong[key] || ct.Warm != "" {
+			kp = p + ".keys"
+		}
+		if ct.Warm != "" {
+			v.warm(p+".warm", ct.Warm)
+		}
+		if len(ct.Keys) == 0 {
+			v.add(kp, "has no key templates", `list the cache keys a row produces, e.g. ["account:{id}"], or remove the entry`)
 			continue
 		}
 		seen := map[string]int{}
-		for i, t := range templates {
-			ip := indexPath(p, i)
+		for i, t := range ct.Keys {
+			ip := indexPath(kp, i)
 			if !v.utf8(ip, t) {
 				continue
 			}
@@ -571,6 +583,36 @@ func (v *validator) cache(tables map[string]bool) {
 			}
 			seen[t] = i
 		}
+	}
+}
+
+// warmStarts are the first words of a statement that returns rows and can
+// be used as a subquery.
+var warmStarts = []string{"select", "with", "values", "table"}
+
+// warm checks a warm query as far as that is possible offline: it is one
+// statement that returns rows. The database checks the rest when `xdcr
+// cache rebuild` runs it.
+func (v *validator) warm(path, q string) {
+	if !v.utf8(path, q) {
+		return
+	}
+	const fix = `write one query that returns the rows to cache, e.g. "SELECT * FROM public.accounts WHERE active"`
+	body := strings.TrimLeft(q, "( \t\r\n")
+	end := strings.IndexFunc(body, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z')
+	})
+	if end < 0 {
+		end = len(body)
+	}
+	first := strings.ToLower(body[:end])
+	switch {
+	case strings.TrimSpace(q) == "":
+		v.add(path, "is empty", fix)
+	case !slices.Contains(warmStarts, first):
+		v.add(path, fmt.Sprintf("query %s does not start with SELECT, WITH, VALUES or TABLE", v.show(path, clipLong(q))), fix)
+	case strings.HasSuffix(strings.TrimSpace(q), ";"):
+		v.add(path, "ends with ';'", "remove the ';': the query is run as a subquery")
 	}
 }
 
@@ -601,6 +643,11 @@ func (v *validator) tuning() {
 	if n := a.MaxBatchBytes; n < minApplyBatchBytes || n > maxApplyBatchBytes {
 		v.add("apply.max_batch_bytes", v.show("apply.max_batch_bytes", formatSize(int64(n)))+" is outside 4KiB..1GiB",
 			"use a size between 4KiB and 1GiB, e.g. 8MiB")
+	}
+
+	if n := v.c.Invalidation.withDefaults().MaxOutboxRows; n < minOutboxRows || n > maxOutboxRows {
+		v.add("invalidation.max_outbox_rows", v.show("invalidation.max_outbox_rows", strconv.Itoa(n))+" is outside 100..100000000",
+			"use a number between 100 and 100000000, e.g. 100000")
 	}
 
 	s := v.c.Stream.withDefaults()

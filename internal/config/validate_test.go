@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -211,6 +212,32 @@ func TestValidationRules(t *testing.T) {
 			path: "cache.public.accounts[1]", problem: "is empty", fix: "{column}"},
 		{name: "template repeated", edits: []string{`"account:{id}"`, `"account:{id}", "account:{id}"`},
 			path: "cache.public.accounts[1]", problem: "repeats template 0", fix: "remove one"},
+		{name: "cache long form unknown key", edits: []string{`["account:{id}"]`, `{keys: ["account:{id}"], warmup: "SELECT 1"}`},
+			path: "cache.public.accounts.warmup", problem: "unknown key", fix: `did you mean "warm"?`},
+		{name: "cache long form without keys", edits: []string{`["account:{id}"]`, `{warm: "SELECT * FROM public.accounts"}`},
+			path: "cache.public.accounts.keys", problem: "no key templates", fix: `"account:{id}"`},
+		{name: "cache long form keys not a list", edits: []string{`["account:{id}"]`, `{keys: "account:{id}"}`},
+			path: "cache.public.accounts.keys", problem: "must be a list", fix: `["account:{id}"]`},
+		{name: "cache long form template", edits: []string{`["account:{id}"]`, `{keys: ["account:{id}", "a:{"], warm: "SELECT * FROM public.accounts"}`},
+			path: "cache.public.accounts.keys[1]", problem: "without its closing '}'", fix: "{column}"},
+		{name: "cache long form template of unqualified table", edits: []string{`  public.accounts: ["account:{id}"]`, `  Accounts: {keys: ["a:{"]}`},
+			path: "cache.public.accounts.keys[0]", problem: "without its closing '}'", fix: "{column}"},
+		{name: "warm empty", edits: []string{`["account:{id}"]`, `{keys: ["account:{id}"], warm: ""}`},
+			path: "cache.public.accounts.warm", problem: "is empty", fix: "remove the key"},
+		{name: "warm not a query", edits: []string{`["account:{id}"]`, `{keys: ["account:{id}"], warm: "DELETE FROM public.accounts"}`},
+			path: "cache.public.accounts.warm", problem: "does not start with SELECT, WITH, VALUES or TABLE", fix: "SELECT * FROM"},
+		{name: "warm semicolon", edits: []string{`["account:{id}"]`, `{keys: ["account:{id}"], warm: "select * from public.accounts; "}`},
+			path: "cache.public.accounts.warm", problem: "ends with ';'", fix: "subquery"},
+		{name: "warm not a string", edits: []string{`["account:{id}"]`, `{keys: ["account:{id}"], warm: [a]}`},
+			path: "cache.public.accounts.warm", problem: "must be a single value", fix: "one value"},
+		{name: "warm from env not echoed", edits: []string{`["account:{id}"]`, `{keys: ["account:{id}"], warm: "${BAD_NAME}"}`},
+			path: "cache.public.accounts.warm", problem: `"${BAD_NAME}" does not start with SELECT`, fix: "SELECT"},
+		{name: "max outbox rows too small", yaml: base + "invalidation: {max_outbox_rows: 10}\n",
+			path: "invalidation.max_outbox_rows", problem: `"10" is outside 100..100000000`, fix: "e.g. 100000"},
+		{name: "max outbox rows not a number", yaml: base + "invalidation: {max_outbox_rows: many}\n",
+			path: "invalidation.max_outbox_rows", problem: "not a whole number", fix: "256"},
+		{name: "invalidation unknown key", yaml: base + "invalidation: {max_rows: 1000}\n",
+			path: "invalidation.max_rows", problem: "unknown key", fix: "max_outbox_rows"},
 		{name: "cache table twice", edits: []string{`  public.accounts: ["account:{id}"]`, "  accounts: [\"a:{id}\"]\n  public.accounts: [\"b:{id}\"]"},
 			path: "cache.public.accounts", problem: "same table as the entry at line 17", fix: "merge"},
 
@@ -358,6 +385,39 @@ func TestValidConfigs(t *testing.T) {
 					t.Errorf("cache key not normalized: %q", c.Cache)
 				}
 			}},
+		{name: "cache long form", edits: []string{`  public.accounts: ["account:{id}"]`,
+			"  public.accounts:\n    keys: [\"account:{id}\", \"account-email:{email}\"]\n    warm: |\n      SELECT *\n        FROM public.accounts\n       WHERE balance > 0\n  orders: {keys: [\"order:{id}\"]}"},
+			check: func(t *testing.T, c *Config) {
+				want := map[string]CacheTable{
+					"public.accounts": {Keys: []string{"account:{id}", "account-email:{email}"},
+						Warm: "SELECT *\n  FROM public.accounts\n WHERE balance > 0\n"},
+					"public.orders": {Keys: []string{"order:{id}"}},
+				}
+				if !reflect.DeepEqual(c.Cache, want) {
+					t.Errorf("got %+v, want %+v", c.Cache, want)
+				}
+				out, err := c.Marshal()
+				if err != nil {
+					t.Fatal(err)
+				}
+				// a table with a warm query is written in the long form, one
+				// without in the short form
+				for _, s := range []string{"public.accounts:\n    keys: [", "warm: |", "public.orders: ['order:{id}']"} {
+					if !strings.Contains(string(out), s) {
+						t.Errorf("marshalled config lacks %q:\n%s", s, out)
+					}
+				}
+				again, err := Parse(out, nil)
+				if err != nil || !reflect.DeepEqual(again.Cache, c.Cache) {
+					t.Errorf("round trip: %v, got %+v", err, again)
+				}
+			}},
+		{name: "max outbox rows", yaml: base + "invalidation: {max_outbox_rows: 5000}\n",
+			check: func(t *testing.T, c *Config) {
+				if c.Invalidation.MaxOutboxRows != 5000 {
+					t.Errorf("got %+v", c.Invalidation)
+				}
+			}},
 		{name: "quoted tables", edits: []string{"tables: [public.accounts, public.orders]", `tables: [public.accounts, '"Sales"."Orders"', '"odd.name"']`},
 			check: func(t *testing.T, c *Config) {
 				if want := `"Sales"."Orders"`; c.Tables[1] != want {
@@ -459,7 +519,7 @@ func TestValidateBuiltInCode(t *testing.T) {
 			"a1": {Site: "dc-a", Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:7001"},
 			"b1": {Site: "dc-b", Raft: "127.0.0.1:7002", HTTP: "127.0.0.1:7003"},
 		},
-		Cache: map[string][]string{"accounts": {"account:{id}"}},
+		Cache: map[string]CacheTable{"accounts": {Keys: []string{"account:{id}"}}},
 	}
 	err := c.Validate()
 	all := fieldErrors(err)
@@ -482,7 +542,7 @@ func TestValidateBuiltInCode(t *testing.T) {
 
 	// Text that no YAML file can hold is refused.
 	c.Sites["dc-b"] = Site{Postgres: "postgres://xdcr@127.0.0.1:5433/sh\xffop", NATS: "nats://127.0.0.1:4223"}
-	c.Cache["accounts"] = []string{"account:{id}\xff"}
+	c.Cache["accounts"] = CacheTable{Keys: []string{"account:{id}\xff"}}
 	all = fieldErrors(c.Validate())
 	if len(all) != 2 || all[0].Path != "sites.dc-b.postgres" || all[1].Path != "cache.accounts[0]" || !strings.Contains(all[0].Problem, "UTF-8") {
 		t.Errorf("got %v", all)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/xdcr/xdcr/deploy/topology"
 	"github.com/xdcr/xdcr/internal/config"
+	"github.com/xdcr/xdcr/replicator"
 )
 
 var clusterSeq atomic.Int32
@@ -27,6 +28,10 @@ type clusterOpts struct {
 	tables      []string // replicated tables
 	tune        func(*config.Config)
 	noAgents    bool
+	// cache gives the config cache: entries, and cacheURLs each site's
+	// cache (sites.<site>.redis), applied before tune.
+	cache     map[string]config.CacheTable
+	cacheURLs map[string]string
 }
 
 // newCluster stands up a cluster of its own on the shared sites and starts
@@ -45,7 +50,17 @@ func newCluster(t *testing.T, o clusterOpts) *topology.Cluster {
 		Schema:  o.schema,
 		Binary:  env.binary,
 		Dir:     t.TempDir(),
-		Tune:    o.tune,
+		Tune: func(cfg *config.Config) {
+			cfg.Cache = o.cache
+			for site, url := range o.cacheURLs {
+				s := cfg.Sites[site]
+				s.Redis = url
+				cfg.Sites[site] = s
+			}
+			if o.tune != nil {
+				o.tune(cfg)
+			}
+		},
 	})
 	if err != nil {
 		t.Fatalf("new cluster: %v", err)
@@ -61,6 +76,7 @@ func newCluster(t *testing.T, o clusterOpts) *topology.Cluster {
 				}
 			}
 		}
+		dropSlots(t, c)
 	})
 	if o.primaryOnly != "" {
 		execOn(t, c, c.Config.Primary, o.primaryOnly)
@@ -199,4 +215,55 @@ func findLog(path, msg string, parts ...string) (logEntry, bool) {
 		}
 	}
 	return nil, false
+}
+
+// dropSlots drops the cluster's replication slot on every site once its
+// agents have stopped: the tests share the sites, and every cluster's slot
+// would otherwise count against max_replication_slots until the suite ends.
+func dropSlots(t *testing.T, c *topology.Cluster) {
+	slot := replicator.SlotName(c.Config.Cluster)
+	for _, site := range c.Config.SiteNames() {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		conn, err := pgx.Connect(ctx, c.DSN(site))
+		if err != nil {
+			cancel()
+			continue
+		}
+		for {
+			// a walsender lets go of the slot a moment after its agent exits
+			var left int
+			err := conn.QueryRow(ctx, `SELECT count(*) FROM (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+				WHERE slot_name = $1 AND NOT active) d`, slot).Scan(&left)
+			if err == nil {
+				err = conn.QueryRow(ctx, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&left)
+			}
+			if err != nil || left == 0 {
+				if err != nil {
+					t.Logf("drop slot %s on %s: %v", slot, site, err)
+				}
+				break
+			}
+			if ctx.Err() != nil {
+				t.Logf("slot %s on %s is still active", slot, site)
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		conn.Close(context.Background())
+		cancel()
+	}
+}
+
+// queryInt runs a query that returns one integer on a site, on a
+// connection of its own (safe to call in a polling loop).
+func queryInt(t *testing.T, c *topology.Cluster, site, sql string, args ...any) (int64, error) {
+	t.Helper()
+	conn, err := pgx.Connect(t.Context(), c.DSN(site))
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(context.Background())
+	var n int64
+	err = conn.QueryRow(t.Context(), sql, args...).Scan(&n)
+	return n, err
 }

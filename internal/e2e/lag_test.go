@@ -291,8 +291,10 @@ func TestRaftLeaderKilled(t *testing.T) {
 }
 
 type nodeStatus struct {
-	Leader string `json:"leader"`
-	Sites  []struct {
+	Leader  string `json:"leader"`
+	Primary string `json:"primary"`
+	Epoch   uint64 `json:"epoch"`
+	Sites   []struct {
 		Site       string `json:"site"`
 		AppliedLSN string `json:"applied_lsn"`
 	} `json:"sites"`

@@ -84,8 +84,7 @@ func TestSyncKilledAndRerun(t *testing.T) {
 	}
 	// kill it once some rows are in
 	eventually(t, 30*time.Second, "the copy to start", func() error {
-		var n int64
-		err := connect(t, c, site).QueryRow(ctx, `SELECT coalesce(sum(rows_done), 0) FROM xdcr.table_sync`).Scan(&n)
+		n, err := queryInt(t, c, site, `SELECT coalesce(sum(rows_done), 0) FROM xdcr.table_sync`)
 		if err != nil || n == 0 {
 			return errors.New("no rows copied yet")
 		}

@@ -31,6 +31,7 @@ type Display struct {
 	stop    context.CancelFunc
 	done    chan struct{}
 	start   time.Time
+	rows    bool // bars count rows, not bytes (NewRows)
 }
 
 // Item is one tracked thing.
@@ -46,19 +47,36 @@ type Item struct {
 // New returns a display that draws bars on w when terminal is set, and
 // otherwise logs a line per item every interval.
 func New(w io.Writer, terminal bool, log *slog.Logger, interval time.Duration) *Display {
-	d := &Display{items: map[string]*Item{}, log: log, start: time.Now(), done: make(chan struct{})}
+	return newDisplay(w, terminal, log, interval, false)
+}
+
+// NewRows returns a display like New whose bars count rows instead of
+// bytes, for work that knows no sizes (`xdcr cache rebuild`): Start's and
+// Add's bytes are ignored.
+func NewRows(w io.Writer, terminal bool, log *slog.Logger, interval time.Duration) *Display {
+	return newDisplay(w, terminal, log, interval, true)
+}
+
+func newDisplay(w io.Writer, terminal bool, log *slog.Logger, interval time.Duration, rows bool) *Display {
+	d := &Display{items: map[string]*Item{}, log: log, start: time.Now(), done: make(chan struct{}), rows: rows}
 	ctx, cancel := context.WithCancel(context.Background())
 	d.stop = cancel
 	if terminal {
 		d.bars = mpb.NewWithContext(ctx, mpb.WithOutput(w), mpb.WithWidth(40), mpb.WithRefreshRate(200*time.Millisecond))
+		counters := []decor.Decorator{
+			decor.CountersKibiByte("% .1f / % .1f", decor.WC{W: 22}),
+			decor.AverageSpeed(decor.SizeB1024(0), " % .1f", decor.WC{W: 14}),
+		}
+		if rows {
+			counters = []decor.Decorator{
+				decor.CountersNoUnit("%d / %d rows", decor.WC{W: 22}),
+				decor.AverageSpeed(0, " %.0f rows/s", decor.WC{W: 16}),
+			}
+		}
 		d.overall = d.bars.AddBar(0,
 			mpb.BarPriority(1<<30),
 			mpb.PrependDecorators(decor.Name("overall", decor.WC{W: 24, C: decor.DindentRight})),
-			mpb.AppendDecorators(
-				decor.CountersKibiByte("% .1f / % .1f", decor.WC{W: 22}),
-				decor.AverageSpeed(decor.SizeB1024(0), " % .1f", decor.WC{W: 14}),
-				decor.AverageETA(decor.ET_STYLE_GO, decor.WC{W: 8}),
-			))
+			mpb.AppendDecorators(append(counters, decor.AverageETA(decor.ET_STYLE_GO, decor.WC{W: 8}))...))
 		close(d.done)
 		return d
 	}
@@ -88,14 +106,19 @@ func (d *Display) Start(name string, rows, bytes int64) {
 	if d.bars == nil {
 		return
 	}
+	size := []decor.Decorator{
+		decor.CountersKibiByte("% .1f", decor.WC{W: 12}),
+		decor.AverageSpeed(decor.SizeB1024(0), " % .1f", decor.WC{W: 14}),
+	}
+	if d.rows {
+		bytes = rows // the bar's unit
+		it.totalBytes = rows
+		size = []decor.Decorator{decor.AverageSpeed(0, " %.0f rows/s", decor.WC{W: 16})}
+	}
+	decorators := append([]decor.Decorator{decor.Any(func(decor.Statistics) string { return d.rowsText(it) }, decor.WC{W: 22})}, size...)
 	it.bar = d.bars.AddBar(max(bytes, 1),
 		mpb.PrependDecorators(decor.Name(name, decor.WC{W: 24, C: decor.DindentRight})),
-		mpb.AppendDecorators(
-			decor.Any(func(decor.Statistics) string { return d.rowsText(it) }, decor.WC{W: 22}),
-			decor.CountersKibiByte("% .1f", decor.WC{W: 12}),
-			decor.AverageSpeed(decor.SizeB1024(0), " % .1f", decor.WC{W: 14}),
-			decor.OnComplete(decor.AverageETA(decor.ET_STYLE_GO, decor.WC{W: 8}), "done"),
-		))
+		mpb.AppendDecorators(append(decorators, decor.OnComplete(decor.AverageETA(decor.ET_STYLE_GO, decor.WC{W: 8}), "done"))...))
 	d.total += max(bytes, 1)
 	d.overall.SetTotal(d.total, false)
 }
@@ -116,6 +139,9 @@ func (d *Display) Add(name string, rows, bytes int64) {
 	if it == nil {
 		d.mu.Unlock()
 		return
+	}
+	if d.rows {
+		bytes = rows // the bar's unit
 	}
 	it.rows += rows
 	it.bytes += bytes
@@ -147,7 +173,11 @@ func (d *Display) Finish(name string, rows int64) {
 	if it.bar != nil {
 		it.bar.SetTotal(-1, true)
 	} else {
-		d.log.Info("done", "table", name, "rows", rows, "bytes", it.bytes)
+		if d.rows {
+			d.log.Info("done", "table", name, "rows", rows)
+		} else {
+			d.log.Info("done", "table", name, "rows", rows, "bytes", it.bytes)
+		}
 	}
 }
 
@@ -172,14 +202,22 @@ func (d *Display) logAll(msg string) {
 		if it.finished {
 			continue
 		}
-		attrs := []any{"table", n, "rows", it.rows, "bytes", it.bytes}
+		attrs := []any{"table", n, "rows", it.rows}
+		if !d.rows {
+			attrs = append(attrs, "bytes", it.bytes)
+		}
 		if it.totalRows > 0 {
 			attrs = append(attrs, "total_rows", it.totalRows)
 		}
-		if it.totalBytes > 0 {
+		switch {
+		case d.rows && it.totalRows > 0:
+			attrs = append(attrs, "pct", min(100, 100*it.rows/it.totalRows))
+		case !d.rows && it.totalBytes > 0:
 			attrs = append(attrs, "pct", 100*it.bytes/it.totalBytes)
 		}
-		if elapsed > 0 {
+		if elapsed > 0 && d.rows {
+			attrs = append(attrs, "rows_per_sec", int64(float64(it.rows)/elapsed))
+		} else if elapsed > 0 {
 			attrs = append(attrs, "bytes_per_sec", int64(float64(it.bytes)/elapsed))
 		}
 		d.log.Info(msg, attrs...)
