@@ -49,6 +49,9 @@ type ApplyConfig struct {
 	// data, so a crash loses both together and they are applied again); it
 	// only widens what a crash of the replica's PostgreSQL re-applies.
 	SynchronousCommit bool
+	// AutoAddColumns adds a column the source has and the replica lacks
+	// (nullable, no default) instead of pausing on the difference.
+	AutoAddColumns bool
 }
 
 // EpochEnd says how an epoch ended (see checkpoints.EpochEnd).
@@ -926,13 +929,45 @@ func (w *applier) target(ctx context.Context, rel *change.Relation) (*target, er
 	t, ok := w.targets[key]
 	if !ok {
 		var err error
-		if t, err = resolveTarget(ctx, w.meta, rel, w.cfg.Site); err != nil {
+		var add addColumnsFunc
+		if w.cfg.AutoAddColumns {
+			add = w.addColumns
+		}
+		if t, err = resolveTarget(ctx, w.meta, rel, w.cfg.Site, add); err != nil {
 			return nil, err
 		}
 		w.targets[key] = t
 	}
 	w.rels[rel] = t
 	return t, nil
+}
+
+// addColumns adds the source's new columns to the replica's table, as
+// schema.auto_add_columns allows.
+//
+// A short lock timeout keeps the ALTER from waiting behind the site's own
+// long transactions; on a timeout apply pauses like on any schema
+// difference and tries again. When a large source transaction is open on
+// the apply connection it may already hold locks on t, so the columns are
+// added inside it and commit (or roll back) with it.
+func (w *applier) addColumns(ctx context.Context, t Table, cols []change.Column) error {
+	alter := addColumnsSQL(t, cols)
+	conn, sql := w.meta, "SET LOCAL lock_timeout = '5s'; "+alter
+	if w.chunk != nil && w.chunk.next > 0 {
+		conn, sql = w.conn, sql+"; SET LOCAL lock_timeout = DEFAULT"
+	}
+	if _, err := conn.PgConn().Exec(ctx, sql).ReadAll(); err != nil {
+		return &SchemaError{
+			Table:   t.String(),
+			Problem: fmt.Sprintf("lacks columns of the primary on replica site %s, and adding them failed: %v", w.cfg.Site, err),
+			Fix:     fmt.Sprintf("run %s on %s yourself; apply resumes by itself", alter, w.cfg.Site),
+		}
+	}
+	for _, c := range cols {
+		w.log.Warn("added a column the primary has to the replica (schema.auto_add_columns)",
+			"table", t.String(), "column", c.Name, "type", c.Type)
+	}
+	return nil
 }
 
 // prepared returns the statement for key, preparing sql on first use.

@@ -42,11 +42,17 @@ func relationKey(r *change.Relation) string {
 	return b.String()
 }
 
+// addColumnsFunc adds columns the source has and the replica lacks to the
+// replica's table t (see ApplyConfig.AutoAddColumns).
+type addColumnsFunc func(ctx context.Context, t Table, cols []change.Column) error
+
 // resolveTarget checks that the replica has a table that can take the
 // source's rows: every source column must exist with the same type.
 // Columns that exist only on the replica are fine (replicas get additive DDL
-// first). site names the replica in messages.
-func resolveTarget(ctx context.Context, meta *pgx.Conn, rel *change.Relation, site string) (*target, error) {
+// first). site names the replica in messages. When add is not nil and the
+// only difference is columns missing on the replica, add creates them and
+// the table is checked again.
+func resolveTarget(ctx context.Context, meta *pgx.Conn, rel *change.Relation, site string, add addColumnsFunc) (*target, error) {
 	t := Table{Schema: rel.Schema, Name: rel.Name}
 	rows, err := meta.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> ''
 		FROM pg_attribute a
@@ -79,7 +85,10 @@ func resolveTarget(ctx context.Context, meta *pgx.Conn, rel *change.Relation, si
 			Fix:     fmt.Sprintf("create %s on %s with the primary's definition (or run `xdcr sync %s`); apply resumes by itself", t, site, site),
 		}
 	}
-	var problems []error
+	var (
+		problems []error
+		missing  []change.Column
+	)
 	tg := &target{table: t, rel: rel, full: rel.Identity == change.IdentityFull, stmts: make(map[string]*pgconn.StatementDescription)}
 	for i, c := range rel.Columns {
 		if c.Key {
@@ -88,6 +97,7 @@ func resolveTarget(ctx context.Context, meta *pgx.Conn, rel *change.Relation, si
 		h, ok := have[c.Name]
 		switch {
 		case !ok:
+			missing = append(missing, c)
 			problems = append(problems, &SchemaError{
 				Table: t.String(), Column: c.Name,
 				Problem: fmt.Sprintf("exists on the primary (type %s) but not on replica site %s", c.Type, site),
@@ -114,10 +124,35 @@ func resolveTarget(ctx context.Context, meta *pgx.Conn, rel *change.Relation, si
 			Fix:     fmt.Sprintf("give %s a primary key on the primary", t),
 		})
 	}
+	if add != nil && len(missing) > 0 && len(missing) == len(problems) {
+		if err := add(ctx, t, missing); err != nil {
+			return nil, err
+		}
+		return resolveTarget(ctx, meta, rel, site, nil)
+	}
 	if len(problems) > 0 {
 		return nil, errors.Join(problems...)
 	}
 	return tg, nil
+}
+
+// addColumnsSQL is the statement that adds cols to the replica's table t
+// as nullable columns without defaults, which PostgreSQL does without
+// rewriting the table.
+func addColumnsSQL(t Table, cols []change.Column) string {
+	var b strings.Builder
+	b.WriteString("ALTER TABLE ")
+	b.WriteString(t.Quoted())
+	for i, c := range cols {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(" ADD COLUMN IF NOT EXISTS ")
+		b.WriteString(pgx.Identifier{c.Name}.Sanitize())
+		b.WriteByte(' ')
+		b.WriteString(c.Type)
+	}
+	return b.String()
 }
 
 // Statement building. Masks say which columns a statement uses, so that

@@ -50,6 +50,52 @@ type Config struct {
 	Apply        Apply
 	Stream       Stream
 	Invalidation Invalidation
+	Schema       Schema
+	HTTP         HTTP
+}
+
+// Schema says what apply may change in a replica's schema by itself.
+type Schema struct {
+	// AutoAddColumns lets apply add a column that the primary's table has
+	// and the replica's lacks (nullable, no default, the source's type)
+	// instead of pausing with the difference. Written auto_add_columns
+	// (or auto-add-columns). Default false.
+	AutoAddColumns bool
+}
+
+// HTTP secures the nodes' HTTP APIs.
+type HTTP struct {
+	// AdminToken, when set, must come as "Authorization: Bearer <token>"
+	// with every request that changes state (promote, abort, the nodes'
+	// internal proposals). Write it as ${VAR}, or use AdminTokenFile.
+	AdminToken string
+	// AdminTokenFile names a file holding the admin token (surrounding
+	// white space ignored); read by [HTTP.Token].
+	AdminTokenFile string
+	// ProtectReads requires the token on the read endpoints too
+	// (/v1/status, /metrics); /healthz and /readyz stay open for probes.
+	ProtectReads bool
+}
+
+// minTokenLen is the shortest admin token accepted: a token is a random
+// secret, not a password a person types.
+const minTokenLen = 16
+
+// Token returns the admin token: AdminToken, or the content of
+// AdminTokenFile. Empty means no token is configured and the API is open.
+func (h HTTP) Token() (string, error) {
+	if h.AdminTokenFile == "" {
+		return h.AdminToken, nil
+	}
+	data, err := os.ReadFile(h.AdminTokenFile)
+	if err != nil {
+		return "", fmt.Errorf("http.admin_token_file: %w (create it with: openssl rand -hex 32 > %s; chmod 600 %[2]s)", err, h.AdminTokenFile)
+	}
+	t := strings.TrimSpace(string(data))
+	if len(t) < minTokenLen {
+		return "", fmt.Errorf("http.admin_token_file %s: the token is shorter than %d characters; write a random one: openssl rand -hex 32 > %[1]s", h.AdminTokenFile, minTokenLen)
+	}
+	return t, nil
 }
 
 // CacheTable is what one table's rows put in every site's caches.
@@ -379,6 +425,9 @@ func (c *Config) Redacted() *Config {
 		s.NATS = RedactDSN(s.NATS)
 		s.Redis = RedactDSN(s.Redis)
 		r.Sites[name] = s
+	}
+	if r.HTTP.AdminToken != "" {
+		r.HTTP.AdminToken = "xxxxx"
 	}
 	return r
 }

@@ -164,7 +164,7 @@ func TestExampleFile(t *testing.T) {
 		t.Errorf("example lost its nodes, tables or cache: %+v", c)
 	}
 	// Every key of the format appears in the example.
-	for _, keys := range [][]string{rootKeys, siteKeys, nodeKeys, cacheTableKeys, captureKeys, applyKeys, streamKeys, invalidationKeys} {
+	for _, keys := range [][]string{rootKeys, siteKeys, nodeKeys, cacheTableKeys, captureKeys, applyKeys, streamKeys, invalidationKeys, schemaKeys, httpKeys} {
 		for _, k := range keys {
 			if !strings.Contains(string(data), k+":") {
 				t.Errorf("the example does not show key %q", k)
@@ -393,4 +393,51 @@ func fieldErrors(err error) []*FieldError {
 		walk(err)
 	}
 	return out
+}
+
+func TestSchemaAndHTTP(t *testing.T) {
+	for _, spelling := range []string{"auto_add_columns", "auto-add-columns"} {
+		c := mustParse(t, []byte(base+"schema: {"+spelling+": true}\n"))
+		if !c.Schema.AutoAddColumns {
+			t.Errorf("%s: true read as false", spelling)
+		}
+	}
+	if c := mustParse(t, []byte(base)); c.Schema.AutoAddColumns || c.HTTP != (HTTP{}) {
+		t.Errorf("defaults: got %+v %+v, want auto_add_columns off and no token", c.Schema, c.HTTP)
+	}
+
+	token := strings.Repeat("t0k", 8)
+	c := mustParse(t, []byte(base+"http: {admin_token: "+token+", protect_reads: yes}\n"))
+	if got, err := c.HTTP.Token(); err != nil || got != token || !c.HTTP.ProtectReads {
+		t.Errorf("inline token: got %q, %v, %+v", got, err, c.HTTP)
+	}
+	if r := c.Redacted(); r.HTTP.AdminToken == token {
+		t.Error("Redacted kept the admin token")
+	}
+	out, err := c.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back := mustParse(t, out); !reflect.DeepEqual(back, c) {
+		t.Errorf("round trip: got %+v, want %+v", back.HTTP, c.HTTP)
+	}
+
+	dir := t.TempDir()
+	file := filepath.Join(dir, "token")
+	c = mustParse(t, []byte(base+"http: {admin_token_file: "+file+"}\n"))
+	if _, err := c.HTTP.Token(); !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "openssl rand") {
+		t.Errorf("missing token file: got %v, want ErrNotExist with the fix", err)
+	}
+	if err := os.WriteFile(file, []byte("short\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.HTTP.Token(); err == nil || strings.Contains(err.Error(), "short") && !strings.Contains(err.Error(), "shorter") {
+		t.Errorf("short token file: got %v", err)
+	}
+	if err := os.WriteFile(file, []byte("  "+token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := c.HTTP.Token(); err != nil || got != token {
+		t.Errorf("token file: got %q, %v, want %q", got, err, token)
+	}
 }

@@ -11,7 +11,7 @@ import (
 
 // The keys each mapping of the file accepts, in the order of the file.
 var (
-	rootKeys         = []string{"cluster", "primary", "tables", "sites", "nodes", "cache", "capture", "apply", "stream", "invalidation"}
+	rootKeys         = []string{"cluster", "primary", "tables", "sites", "nodes", "cache", "capture", "apply", "stream", "invalidation", "schema", "http"}
 	siteKeys         = []string{"postgres", "nats", "redis"}
 	nodeKeys         = []string{"site", "raft", "http"}
 	cacheTableKeys   = []string{"keys", "warm"}
@@ -19,6 +19,8 @@ var (
 	applyKeys        = []string{"max_batch_txns", "max_batch_bytes"}
 	streamKeys       = []string{"max_age", "max_bytes", "duplicate_window"}
 	invalidationKeys = []string{"max_outbox_rows"}
+	schemaKeys       = []string{"auto_add_columns", "auto-add-columns"}
+	httpKeys         = []string{"admin_token", "admin_token_file", "protect_reads"}
 )
 
 // decoder walks the YAML node tree into a Config. It expands ${VAR} in
@@ -152,6 +154,25 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 		g := d.fields(n, "invalidation", invalidationKeys)
 		c.Invalidation.MaxOutboxRows = d.integer(g["max_outbox_rows"], "invalidation.max_outbox_rows")
 	}
+	if n := f["schema"]; n != nil {
+		g := d.fields(n, "schema", schemaKeys)
+		key := "auto_add_columns"
+		if g[key] == nil {
+			key = "auto-add-columns"
+		} else if g["auto-add-columns"] != nil {
+			d.fail("schema.auto-add-columns", g["auto-add-columns"].Line, "repeats schema.auto_add_columns in another spelling", "keep one of the two keys")
+		}
+		c.Schema.AutoAddColumns = d.boolean(g[key], "schema."+key)
+	}
+	if n := f["http"]; n != nil {
+		g := d.fields(n, "http", httpKeys)
+		c.HTTP.AdminToken = d.str(g["admin_token"], "http.admin_token")
+		if c.HTTP.AdminToken != "" {
+			d.secrets = append(d.secrets, c.HTTP.AdminToken)
+		}
+		c.HTTP.AdminTokenFile = d.str(g["admin_token_file"], "http.admin_token_file")
+		c.HTTP.ProtectReads = d.boolean(g["protect_reads"], "http.protect_reads")
+	}
 	return c
 }
 
@@ -281,6 +302,21 @@ func (d *decoder) integer(n *yaml.Node, path string) int {
 		return 0
 	}
 	return int(v)
+}
+
+func (d *decoder) boolean(n *yaml.Node, path string) bool {
+	s, ok := d.scalar(n, path)
+	if !ok || s == "" {
+		return false
+	}
+	switch strings.ToLower(s) {
+	case "true", "yes", "on":
+		return true
+	case "false", "no", "off":
+		return false
+	}
+	d.fail(path, n.Line, d.show(path, s)+" is not true or false", "write true or false")
+	return false
 }
 
 func (d *decoder) size(n *yaml.Node, path string) (int64, bool) {

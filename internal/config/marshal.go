@@ -113,6 +113,25 @@ func (c *Config) Marshal() ([]byte, error) {
 	add(invalidation, "max_outbox_rows", intNode(int64(inv.MaxOutboxRows)))
 	add(root, "invalidation", invalidation)
 
+	if c.Schema.AutoAddColumns {
+		schema := mapping(false)
+		add(schema, "auto_add_columns", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+		add(root, "schema", schema)
+	}
+	if c.HTTP != (HTTP{}) {
+		h := mapping(false)
+		if c.HTTP.AdminToken != "" {
+			addStr(h, "admin_token", c.HTTP.AdminToken)
+		}
+		if c.HTTP.AdminTokenFile != "" {
+			addStr(h, "admin_token_file", c.HTTP.AdminTokenFile)
+		}
+		if c.HTTP.ProtectReads {
+			add(h, "protect_reads", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+		}
+		add(root, "http", h)
+	}
+
 	var buf bytes.Buffer
 	enc := yaml.NewEncoder(&buf)
 	enc.SetIndent(2)

@@ -650,6 +650,17 @@ func (v *validator) tuning() {
 			"use a number between 100 and 100000000, e.g. 100000")
 	}
 
+	h := v.c.HTTP
+	switch {
+	case h.AdminToken != "" && h.AdminTokenFile != "":
+		v.add("http.admin_token_file", "is set together with http.admin_token", "keep one of the two")
+	case h.AdminToken != "" && len(h.AdminToken) < minTokenLen:
+		v.add("http.admin_token", fmt.Sprintf("is shorter than %d characters", minTokenLen),
+			"use a random token, e.g. from: openssl rand -hex 32; pass it as ${XDCR_ADMIN_TOKEN} or through admin_token_file")
+	case h.ProtectReads && h.AdminToken == "" && h.AdminTokenFile == "":
+		v.add("http.protect_reads", "is true but no admin token is configured", "set http.admin_token or http.admin_token_file, or remove protect_reads")
+	}
+
 	s := v.c.Stream.withDefaults()
 	if s.MaxAge < 0 && s.MaxAge != Unlimited {
 		v.add("stream.max_age", v.show("stream.max_age", formatDuration(s.MaxAge))+" is negative",

@@ -236,6 +236,18 @@ func TestValidationRules(t *testing.T) {
 			path: "invalidation.max_outbox_rows", problem: `"10" is outside 100..100000000`, fix: "e.g. 100000"},
 		{name: "max outbox rows not a number", yaml: base + "invalidation: {max_outbox_rows: many}\n",
 			path: "invalidation.max_outbox_rows", problem: "not a whole number", fix: "256"},
+		// schema
+		{name: "auto add columns not a bool", yaml: base + "schema: {auto_add_columns: maybe}\n",
+			path: "schema.auto_add_columns", problem: `"maybe" is not true or false`, fix: "true or false"},
+		{name: "auto add columns in both spellings", yaml: base + "schema: {auto_add_columns: true, auto-add-columns: true}\n",
+			path: "schema.auto-add-columns", problem: "another spelling", fix: "keep one"},
+		// http
+		{name: "admin token too short", yaml: base + "http: {admin_token: hunter2}\n",
+			path: "http.admin_token", problem: "shorter than 16", fix: "openssl rand -hex 32", secret: "hunter2"},
+		{name: "admin token and file", yaml: base + "http: {admin_token: \"${PGPASSWORD}-0123456789\", admin_token_file: /etc/xdcr/t}\n",
+			path: "http.admin_token_file", problem: "together with http.admin_token", fix: "keep one"},
+		{name: "protect reads without token", yaml: base + "http: {protect_reads: true}\n",
+			path: "http.protect_reads", problem: "no admin token", fix: "http.admin_token"},
 		{name: "invalidation unknown key", yaml: base + "invalidation: {max_rows: 1000}\n",
 			path: "invalidation.max_rows", problem: "unknown key", fix: "max_outbox_rows"},
 		{name: "cache table twice", edits: []string{`  public.accounts: ["account:{id}"]`, "  accounts: [\"a:{id}\"]\n  public.accounts: [\"b:{id}\"]"},

@@ -8,6 +8,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/xdcr/xdcr/deploy/topology"
+	"github.com/xdcr/xdcr/internal/config"
 	"github.com/xdcr/xdcr/transport"
 )
 
@@ -139,5 +140,36 @@ func assertCount(t *testing.T, c *topology.Cluster, site, table string, want int
 	}
 	if n != want {
 		t.Errorf("site %s: %s has %d rows, want %d", site, table, n, want)
+	}
+}
+
+// TestAutoAddColumns: with schema.auto_add_columns a column added on the
+// primary is added on every replica, with the primary's type, and no row
+// before or after it is lost or doubled.
+func TestAutoAddColumns(t *testing.T) {
+	c := newCluster(t, clusterOpts{
+		schema: padSchema,
+		tables: []string{"items"},
+		tune:   func(cfg *config.Config) { cfg.Schema.AutoAddColumns = true },
+	})
+	execOn(t, c, c.Config.Primary, `INSERT INTO items SELECT g, 'r' || g FROM generate_series(1, 100) g`)
+	converge(t, c, time.Minute)
+
+	execOn(t, c, c.Config.Primary, `ALTER TABLE items ADD COLUMN note varchar(40), ADD COLUMN price numeric(10,2)`)
+	execOn(t, c, c.Config.Primary, `INSERT INTO items VALUES (101, 'r101', 'with a note', 9.99)`)
+	execOn(t, c, c.Config.Primary, `UPDATE items SET note = 'updated' WHERE id <= 10`)
+	converge(t, c, 2*time.Minute)
+	for _, site := range replicas(c) {
+		waitLog(t, c, topology.NodeID(site), "added a column the primary has to the replica (schema.auto_add_columns)", time.Minute)
+		assertCount(t, c, site, "items", 101)
+		var typ string
+		if err := connect(t, c, site).QueryRow(t.Context(),
+			`SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'price'`).Scan(&typ); err != nil || typ != "numeric(10,2)" {
+			t.Errorf("site %s: price is %q (%v), want numeric(10,2)", site, typ, err)
+		}
+		var notes int
+		if err := connect(t, c, site).QueryRow(t.Context(), `SELECT count(*) FROM items WHERE note IS NOT NULL`).Scan(&notes); err != nil || notes != 11 {
+			t.Errorf("site %s: %d rows with a note (%v), want 11", site, notes, err)
+		}
 	}
 }
