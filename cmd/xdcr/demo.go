@@ -215,7 +215,7 @@ func runDemo(ctx context.Context, w io.Writer, dir string, log *slog.Logger) err
 	t.say("the last transaction; %s applies up to exactly that LSN, the epoch is", replica)
 	t.say("bumped through Raft, %s advances its sequences and starts capturing,", replica)
 	t.say("and every other site, the old primary included, follows it. Nothing is lost.")
-	client := api.NewClient(5 * time.Second)
+	client := api.NewClient(5*time.Second, "") // the demo's cluster has no admin token
 	st, err := fetchStatus(ctx, client, c.Config)
 	if err != nil {
 		return err
@@ -258,7 +258,7 @@ func (t *tour) lag(ctx context.Context) error {
 	var err error
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); {
 		var st checkpoints.Status
-		if st, err = fetchStatus(ctx, api.NewClient(3*time.Second), t.env.cluster.Config); err == nil {
+		if st, err = fetchStatus(ctx, api.NewClient(3*time.Second, ""), t.env.cluster.Config); err == nil {
 			renderLag(t.w, st)
 			return nil
 		}

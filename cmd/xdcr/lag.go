@@ -72,7 +72,10 @@ no node could answer.`,
 }
 
 func runLag(ctx context.Context, stdout, stderr io.Writer, cfg *config.Config, o *lagOptions) error {
-	client := api.NewClient(o.timeout)
+	client, err := newClient(cfg, o.timeout)
+	if err != nil {
+		return err
+	}
 	for first := true; ; first = false {
 		st, err := fetchStatus(ctx, client, cfg)
 		if err != nil && !o.watch {
@@ -123,6 +126,16 @@ func runLag(ctx context.Context, stdout, stderr io.Writer, cfg *config.Config, o
 }
 
 // fetchStatus asks the nodes in turn and returns the first answer.
+// newClient returns a client of the nodes' HTTP APIs that carries the
+// config's admin token, if one is configured.
+func newClient(cfg *config.Config, timeout time.Duration) (*api.Client, error) {
+	token, err := cfg.HTTP.Token()
+	if err != nil {
+		return nil, &exitError{exitUsage, err}
+	}
+	return api.NewClient(timeout, token), nil
+}
+
 func fetchStatus(ctx context.Context, client *api.Client, cfg *config.Config) (checkpoints.Status, error) {
 	var errs []string
 	noLeader := 0
@@ -190,6 +203,14 @@ func renderLag(w io.Writer, st checkpoints.Status) {
 	t.Render()
 	for _, n := range notes {
 		fmt.Fprintln(w, n)
+	}
+	if p := st.Promotion; p != nil {
+		fmt.Fprintf(w, "Promotion %s in progress: %s %s -> %s, phase %s, started %s ago (`xdcr promote --abort` aborts it)\n",
+			p.ID, p.Kind, p.From, p.To, p.Phase, time.Since(p.StartedAt).Round(time.Second))
+	}
+	if lw := st.LossWindow; lw != nil && lw.Epoch+1 == st.Epoch {
+		fmt.Fprintf(w, "Epoch %d began with a failover from %s to %s; loss window: what %s committed after %s (it had published up to %s)\n",
+			st.Epoch, lw.OldPrimary, lw.NewPrimary, lw.OldPrimary, lw.AppliedLSN, lw.PublishedLSN)
 	}
 }
 

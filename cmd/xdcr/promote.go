@@ -22,12 +22,13 @@ type promoteOptions struct {
 	force   bool
 	yes     bool
 	timeout time.Duration
+	abort   bool
 }
 
 func newPromoteCmd(g *globalOptions) *cobra.Command {
 	o := &promoteOptions{}
 	cmd := &cobra.Command{
-		Use:   "promote SITE --config FILE [--force] [--yes] [--timeout DUR]",
+		Use:   "promote SITE --config FILE [--force] [--yes] [--timeout DUR] | promote --abort --config FILE",
 		Short: "Move the primary to SITE: a planned switchover, or a forced failover",
 		Long: `Make SITE the primary of the next epoch.
 
@@ -50,12 +51,30 @@ that nobody received, and must be re-seeded with ` + "`xdcr sync`" + `.
 The promotion is a compare-and-set on the epoch in Raft: of two racing
 promotes exactly one wins. It runs in the agents and goes on if this
 command stops waiting (--timeout); ` + "`xdcr lag`" + ` shows it, and running the same
-promote again waits for it.`,
-		Args: cobra.ExactArgs(1),
+promote again waits for it.
+
+--abort drops the promotion in progress, as long as the new epoch has not
+begun: the primary stays the primary (an old primary that fenced for a
+switchover lifts its fence) and the target applies again. A completed
+promotion is undone by promoting the old primary back.
+
+When the config sets an admin token (http.admin_token or
+http.admin_token_file), the command sends it; the nodes refuse promote and
+abort without it.`,
+		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if !o.abort && len(args) == 0 {
+				return &exitError{exitUsage, errors.New("name the site to promote, e.g. xdcr promote dc-b --config xdcr.yaml (or --abort the promotion in progress)")}
+			}
+			if o.abort && o.force {
+				return &exitError{exitUsage, errors.New("--abort and --force do not go together")}
+			}
 			cfg, err := config.Load(o.config)
 			if err != nil {
 				return &exitError{exitUsage, err}
+			}
+			if o.abort {
+				return runAbort(cmd.Context(), cmd.OutOrStdout(), cfg, args)
 			}
 			return runPromote(cmd.Context(), cmd.InOrStdin(), cmd.OutOrStdout(), cfg, args[0], o)
 		},
@@ -64,6 +83,7 @@ promote again waits for it.`,
 	cmd.Flags().BoolVar(&o.force, "force", false, "fail over without the current primary (it is gone); transactions it had not delivered may be lost")
 	cmd.Flags().BoolVarP(&o.yes, "yes", "y", false, "do not ask for confirmation")
 	cmd.Flags().DurationVar(&o.timeout, "timeout", 3*time.Minute, "how long to wait for the promotion to complete")
+	cmd.Flags().BoolVar(&o.abort, "abort", false, "abort the promotion in progress (before its new epoch begins)")
 	mustRequire(cmd, "config")
 	return cmd
 }
@@ -75,7 +95,10 @@ func runPromote(ctx context.Context, stdin io.Reader, stdout io.Writer, cfg *con
 	if _, ok := cfg.Sites[site]; !ok {
 		return &exitError{exitUsage, fmt.Errorf("site %q is not in the config (sites: %v)", site, cfg.SiteNames())}
 	}
-	client := api.NewClient(5 * time.Second)
+	client, err := newClient(cfg, 5*time.Second)
+	if err != nil {
+		return err
+	}
 	st, err := fetchStatus(ctx, client, cfg)
 	if err != nil {
 		return err
@@ -133,7 +156,7 @@ func startPromotion(ctx context.Context, client *api.Client, cfg *config.Config,
 			return resp, nil
 		}
 		var re *api.RemoteError
-		if errors.As(err, &re) && (re.Body.Code == api.CodeRejected || re.Body.Code == api.CodeBadRequest) {
+		if errors.As(err, &re) && (re.Body.Code == api.CodeRejected || re.Body.Code == api.CodeBadRequest || re.Body.Code == api.CodeUnauthorized) {
 			return api.PromoteResponse{}, &exitError{exitFailure, fmt.Errorf("promotion refused: %s", re.Body.Error)}
 		}
 		errs = append(errs, fmt.Sprintf("%s (%s): %v", id, n.HTTP, err))
@@ -224,3 +247,45 @@ func promotionDone(w io.Writer, st checkpoints.Status, resp api.PromoteResponse)
 }
 
 func stamp() string { return time.Now().UTC().Format("2006-01-02 15:04:05") }
+
+// runAbort aborts the promotion in progress; args may name its target
+// site, as a check.
+func runAbort(ctx context.Context, stdout io.Writer, cfg *config.Config, args []string) error {
+	client, err := newClient(cfg, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	st, err := fetchStatus(ctx, client, cfg)
+	if err != nil {
+		return err
+	}
+	p := st.Promotion
+	switch {
+	case p == nil:
+		return &exitError{exitFailure, fmt.Errorf("no promotion is in progress: %s is the primary in epoch %d", st.Primary, st.Epoch)}
+	case len(args) == 1 && args[0] != p.To:
+		return &exitError{exitFailure, fmt.Errorf("the promotion in progress (%s) moves the primary to %s, not %s", p.ID, p.To, args[0])}
+	}
+	var (
+		resp api.PromoteResponse
+		errs []string
+	)
+	for _, id := range cfg.NodeNames() {
+		n, _ := cfg.Node(id)
+		resp, err = client.AbortPromotion(ctx, n.HTTP, api.AbortRequest{ID: p.ID}, false)
+		if err == nil {
+			break
+		}
+		var re *api.RemoteError
+		if errors.As(err, &re) && (re.Body.Code == api.CodeRejected || re.Body.Code == api.CodeUnauthorized) {
+			return &exitError{exitFailure, fmt.Errorf("abort refused: %s", re.Body.Error)}
+		}
+		errs = append(errs, fmt.Sprintf("%s (%s): %v", id, n.HTTP, err))
+	}
+	if err != nil {
+		return fmt.Errorf("no node could abort the promotion:\n  %s", strings.Join(errs, "\n  "))
+	}
+	fmt.Fprintf(stdout, "%s promotion %s (%s %s -> %s) aborted; %s stays the primary in epoch %d\n",
+		stamp(), resp.ID, resp.Kind, resp.From, resp.To, resp.From, resp.Epoch)
+	return nil
+}

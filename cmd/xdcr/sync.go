@@ -78,7 +78,10 @@ func runSync(ctx context.Context, stdout, stderr io.Writer, cfg *config.Config, 
 	if _, ok := cfg.Sites[site]; !ok {
 		return &exitError{exitUsage, fmt.Errorf("site %q is not in the config (sites: %v)", site, cfg.SiteNames())}
 	}
-	primary, epoch := currentPrimary(ctx, cfg, log)
+	primary, epoch, err := currentPrimary(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
 	if site == primary {
 		return &exitError{exitUsage, fmt.Errorf("site %s is the primary: sync copies from the primary into another site", site)}
 	}
@@ -130,13 +133,21 @@ func (s syncDisplay) Finish(table string, rows int64)        { s.d.Finish(table,
 // currentPrimary asks the nodes for the primary and epoch; when no node
 // answers (no agent runs yet) it falls back to the config's bootstrap
 // primary in epoch 1.
-func currentPrimary(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, uint64) {
-	st, err := fetchStatus(ctx, api.NewClient(3*time.Second), cfg)
+func currentPrimary(ctx context.Context, cfg *config.Config, log *slog.Logger) (string, uint64, error) {
+	client, err := newClient(cfg, 3*time.Second)
+	if err != nil {
+		return "", 0, err
+	}
+	st, err := fetchStatus(ctx, client, cfg)
 	if err == nil && st.Primary != "" {
-		return st.Primary, st.Epoch
+		return st.Primary, st.Epoch, nil
+	}
+	var re *api.RemoteError
+	if errors.As(err, &re) && re.Body.Code == api.CodeUnauthorized {
+		return "", 0, &exitError{exitUsage, fmt.Errorf("the nodes refuse to tell the cluster state: %w", err)}
 	}
 	log.Warn("no node told the current primary; using the config's bootstrap primary in epoch 1", "primary", cfg.Primary, "err", err)
-	return cfg.Primary, 1
+	return cfg.Primary, 1, nil
 }
 
 func syncTables(cfg *config.Config, only []string) ([]replicator.Table, error) {

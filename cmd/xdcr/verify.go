@@ -92,7 +92,14 @@ func runVerify(ctx context.Context, stdout io.Writer, cfg *config.Config, o *ver
 	if err != nil {
 		return &exitError{exitUsage, err}
 	}
-	primary, epoch := currentPrimary(ctx, cfg, log)
+	primary, epoch, err := currentPrimary(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	client, err := newClient(cfg, o.timeout)
+	if err != nil {
+		return err
+	}
 	replicas, err := verifySites(cfg, primary, o.sites)
 	if err != nil {
 		return &exitError{exitUsage, err}
@@ -103,7 +110,7 @@ func runVerify(ctx context.Context, stdout io.Writer, cfg *config.Config, o *ver
 		Replicas:    replicas,
 		Tables:      tables,
 		Epoch:       epoch,
-		ReportedLSN: reportedLSN(api.NewClient(o.timeout), cfg, primary, epoch),
+		ReportedLSN: reportedLSN(client, cfg, primary, epoch),
 		Samples:     o.samples,
 		Wait:        o.wait,
 		ChunkRows:   o.chunkRows,

@@ -46,6 +46,7 @@ type Agent struct {
 	node    config.Node
 	opts    Options
 	log     *slog.Logger
+	token   string // the HTTP API's admin token; empty: none
 	metrics *metrics
 	client  *api.Client
 
@@ -87,6 +88,10 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 	if opts.DataDir == "" {
 		return nil, errors.New("a data directory is required for the node's Raft state")
 	}
+	token, err := cfg.HTTP.Token()
+	if err != nil {
+		return nil, err
+	}
 	return &Agent{
 		cfg:     cfg,
 		id:      id,
@@ -94,7 +99,8 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 		opts:    opts,
 		log:     log.With("node", id, "site", node.Site),
 		metrics: newMetrics(opts.Version),
-		client:  api.NewClient(5 * time.Second),
+		token:   token,
+		client:  api.NewClient(5*time.Second, token),
 		lease:   &sourceLease{timeout: leaseTimeout},
 	}, nil
 }
@@ -129,7 +135,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	httpCtx, stopHTTP := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopHTTP()
 	httpDone := make(chan error, 1)
-	srv := api.NewServer(a.node.HTTP, a, a.metrics.registry, a.log)
+	srv := api.NewServer(a.node.HTTP, a, a.metrics.registry, api.Auth{Token: a.token, ProtectReads: a.cfg.HTTP.ProtectReads}, a.log)
 	go func() { httpDone <- srv.Run(httpCtx) }()
 
 	g, gctx := errgroup.WithContext(ctx)

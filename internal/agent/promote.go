@@ -193,6 +193,7 @@ func (a *Agent) promotions(ctx context.Context) error {
 		return ctx.Err()
 	}
 	handedOver := map[string]change.LSN{} // promotion id -> handoff, once drained
+	fenced := map[string]uint64{}         // promotion id -> epoch, once this site fenced for it
 	for {
 		select {
 		case <-ctx.Done():
@@ -200,14 +201,18 @@ func (a *Agent) promotions(ctx context.Context) error {
 		case <-a.raft.Changes():
 		case <-time.After(time.Second):
 		}
-		p := a.raft.LocalState().Promotion
+		st := a.raft.LocalState()
+		p := st.Promotion
+		if err := a.liftAbortedFences(ctx, st, fenced); err != nil && ctx.Err() == nil {
+			a.log.Warn("lift the fence of an aborted switchover; retrying", "err", err)
+		}
 		if p == nil {
 			continue
 		}
 		var err error
 		switch {
 		case p.From == a.node.Site && p.Phase == checkpoints.PhaseFence:
-			err = a.handOver(ctx, p, handedOver)
+			err = a.handOver(ctx, p, handedOver, fenced)
 		case p.To == a.node.Site && p.Phase == checkpoints.PhaseCatchUp:
 			err = a.takeOver(ctx, p)
 		}
@@ -220,7 +225,7 @@ func (a *Agent) promotions(ctx context.Context) error {
 // handOver is the old primary's part of a switchover: fence the database,
 // publish everything committed before the fence, and report the handoff
 // with the sequence values.
-func (a *Agent) handOver(ctx context.Context, p *checkpoints.Promotion, handedOver map[string]change.LSN) error {
+func (a *Agent) handOver(ctx context.Context, p *checkpoints.Promotion, handedOver map[string]change.LSN, fenced map[string]uint64) error {
 	tables, err := a.tables()
 	if err != nil {
 		return err
@@ -233,6 +238,7 @@ func (a *Agent) handOver(ctx context.Context, p *checkpoints.Promotion, handedOv
 			return err
 		}
 		defer conn.Close(context.WithoutCancel(ctx))
+		fenced[p.ID] = p.Epoch // before Fence: a failed fence may have fenced some tables
 		if err := replicator.Fence(ctx, conn, a.cfg.Cluster, tables, fenceGrace, a.log); err != nil {
 			return err
 		}
@@ -270,6 +276,38 @@ func (a *Agent) handOver(ctx context.Context, p *checkpoints.Promotion, handedOv
 		return fmt.Errorf("report the handoff: %w", err)
 	}
 	a.log.Info("switchover: fenced and handed over", "promotion", p.ID, "handoff_lsn", handoff, "sequences", len(seqs))
+	return nil
+}
+
+// liftAbortedFences unfences this site's database when a switchover it
+// fenced for was aborted and it is still the primary of that epoch. When
+// the promotion completed instead, the fence stays: the site is no longer
+// primary.
+func (a *Agent) liftAbortedFences(ctx context.Context, st *checkpoints.State, fenced map[string]uint64) error {
+	for id, epoch := range fenced {
+		switch {
+		case st.Promotion != nil && st.Promotion.ID == id:
+			continue // still running
+		case st.Epoch != epoch || st.Primary != a.node.Site:
+			delete(fenced, id) // it completed: stay fenced
+			continue
+		}
+		tables, err := a.tables()
+		if err != nil {
+			return err
+		}
+		conn, err := replicator.ConnectMeta(ctx, a.cfg.Sites[a.node.Site].Postgres)
+		if err != nil {
+			return err
+		}
+		err = replicator.Unfence(ctx, conn, tables)
+		conn.Close(context.WithoutCancel(ctx))
+		if err != nil {
+			return err
+		}
+		delete(fenced, id)
+		a.log.Warn("switchover aborted: lifted the fence; this site stays the primary and takes writes", "promotion", id, "epoch", epoch)
+	}
 	return nil
 }
 
@@ -656,4 +694,42 @@ func (a *Agent) Promote(ctx context.Context, req api.PromoteRequest, forwarded b
 	}
 	a.log.Info("promotion started", "promotion", id, "kind", kind, "from", st.Primary, "to", req.To, "epoch", st.Epoch)
 	return api.PromoteResponse{ID: id, Kind: kind, From: st.Primary, To: req.To, Epoch: st.Epoch}, nil
+}
+
+// AbortPromotion drops the promotion in progress. The primary stays what
+// it was: if it fenced its database for a switchover it lifts the fence,
+// and a target that stopped applying to take over applies again. Once
+// the new epoch began, nothing is aborted: a promotion is undone with
+// another promotion.
+func (a *Agent) AbortPromotion(ctx context.Context, req api.AbortRequest, forwarded bool) (api.PromoteResponse, error) {
+	st, err := a.raft.ConsistentState(ctx)
+	if errors.Is(err, consensus.ErrNotLeader) {
+		addr, err := a.leaderHTTP(forwarded)
+		if err != nil {
+			return api.PromoteResponse{}, err
+		}
+		resp, err := a.client.AbortPromotion(ctx, addr, req, true)
+		var re *api.RemoteError
+		if errors.As(err, &re) && re.Body.Code == api.CodeRejected {
+			return resp, &api.StatusError{HTTP: http.StatusConflict, Code: api.CodeRejected, Err: errors.New(re.Body.Error)}
+		}
+		return resp, err
+	}
+	if err != nil {
+		return api.PromoteResponse{}, noLeader(err)
+	}
+	p := st.Promotion
+	switch {
+	case p == nil:
+		return api.PromoteResponse{}, &api.StatusError{HTTP: http.StatusConflict, Code: api.CodeRejected,
+			Err: fmt.Errorf("no promotion is in progress: %s is the primary in epoch %d", st.Primary, st.Epoch)}
+	case req.ID != "" && req.ID != p.ID:
+		return api.PromoteResponse{}, &api.StatusError{HTTP: http.StatusConflict, Code: api.CodeRejected,
+			Err: fmt.Errorf("promotion %s is not in progress; %s (%s to %s) is", req.ID, p.ID, p.Kind, p.To)}
+	}
+	if err := a.propose(ctx, checkpoints.AbortPromotion{ID: p.ID}.Command(time.Now().UTC())); err != nil {
+		return api.PromoteResponse{}, err
+	}
+	a.log.Warn("promotion aborted", "promotion", p.ID, "kind", p.Kind, "from", p.From, "to", p.To, "phase", p.Phase, "epoch", p.Epoch)
+	return api.PromoteResponse{ID: p.ID, Kind: p.Kind, From: p.From, To: p.To, Epoch: p.Epoch}, nil
 }

@@ -6,6 +6,8 @@ package api
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -38,6 +41,15 @@ type Backend interface {
 	Ready() error
 	// Promote starts moving the primary to another site.
 	Promote(ctx context.Context, req PromoteRequest, forwarded bool) (PromoteResponse, error)
+	// AbortPromotion drops the promotion in progress before it completes.
+	AbortPromotion(ctx context.Context, req AbortRequest, forwarded bool) (PromoteResponse, error)
+}
+
+// AbortRequest is the body of POST /v1/promote/abort.
+type AbortRequest struct {
+	// ID, when set, aborts only that promotion; empty aborts the one in
+	// progress.
+	ID string `json:"id,omitempty"`
 }
 
 // PromoteRequest is the body of POST /v1/promote.
@@ -77,7 +89,19 @@ const (
 	CodeRejected    = "rejected"
 	CodeUnavailable = "unavailable"
 	CodeBadRequest  = "bad_request"
+	// CodeUnauthorized: the request lacks the admin token (HTTP 401).
+	CodeUnauthorized = "unauthorized"
 )
+
+// Auth guards a node's API.
+type Auth struct {
+	// Token, when set, must come as "Authorization: Bearer <token>" with
+	// every request that changes state.
+	Token string
+	// ProtectReads requires the token on /v1/status and /metrics too.
+	// /healthz and /readyz are always open, for probes.
+	ProtectReads bool
+}
 
 // StatusError lets a backend choose the HTTP status and code of an error.
 type StatusError struct {
@@ -91,6 +115,8 @@ func (e *StatusError) Unwrap() error { return e.Err }
 
 // Server serves a node's HTTP API.
 type Server struct {
+	auth     Auth
+	tokenSum [sha256.Size]byte
 	backend  Backend
 	registry *prometheus.Registry
 	log      *slog.Logger
@@ -98,15 +124,22 @@ type Server struct {
 }
 
 // NewServer returns a server for addr; nothing listens until Run.
-func NewServer(addr string, backend Backend, registry *prometheus.Registry, log *slog.Logger) *Server {
-	s := &Server{backend: backend, registry: registry, log: log.With("component", "http")}
+func NewServer(addr string, backend Backend, registry *prometheus.Registry, auth Auth, log *slog.Logger) *Server {
+	s := &Server{auth: auth, tokenSum: sha256.Sum256([]byte(auth.Token)), backend: backend, registry: registry, log: log.With("component", "http")}
+	read := func(h http.Handler) http.Handler {
+		if auth.ProtectReads {
+			return s.guard(h)
+		}
+		return h
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", s.healthz)
 	mux.HandleFunc("GET /readyz", s.readyz)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}))
-	mux.HandleFunc("GET /v1/status", s.status)
-	mux.HandleFunc("POST /v1/internal/propose", s.propose)
-	mux.HandleFunc("POST /v1/promote", s.promote)
+	mux.Handle("GET /metrics", read(promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry})))
+	mux.Handle("GET /v1/status", read(http.HandlerFunc(s.status)))
+	mux.Handle("POST /v1/internal/propose", s.guard(http.HandlerFunc(s.propose)))
+	mux.Handle("POST /v1/promote", s.guard(http.HandlerFunc(s.promote)))
+	mux.Handle("POST /v1/promote/abort", s.guard(http.HandlerFunc(s.abort)))
 	s.srv = &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return s
 }
@@ -131,6 +164,29 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("stop the http api: %w", err)
 	}
 	return nil
+}
+
+// guard lets a request through to h only with the admin token, when one
+// is configured. The tokens are compared as SHA-256 sums in constant time,
+// so neither their content nor their length shows in the timing.
+func (s *Server) guard(h http.Handler) http.Handler {
+	if s.auth.Token == "" {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		sum := sha256.Sum256([]byte(strings.TrimSpace(token)))
+		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(sum[:], s.tokenSum[:]) != 1 {
+			s.log.Warn("refused a request without the admin token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+			w.Header().Set("WWW-Authenticate", `Bearer realm="xdcr"`)
+			writeJSON(w, http.StatusUnauthorized, Error{
+				Error: "this endpoint needs the admin token: send Authorization: Bearer <token>, the token of the config's http.admin_token or http.admin_token_file",
+				Code:  CodeUnauthorized,
+			})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
@@ -188,6 +244,20 @@ func (s *Server) promote(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusAccepted, resp)
+}
+
+func (s *Server) abort(w http.ResponseWriter, r *http.Request) {
+	var req AbortRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxCommand)).Decode(&req); err != nil && !errors.Is(err, io.EOF) {
+		s.fail(w, &StatusError{HTTP: http.StatusBadRequest, Code: CodeBadRequest, Err: err})
+		return
+	}
+	resp, err := s.backend.AbortPromotion(r.Context(), req, r.Header.Get(ForwardedHeader) != "")
+	if err != nil {
+		s.fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
 }
 
 func (s *Server) fail(w http.ResponseWriter, err error) {

@@ -16,11 +16,15 @@ import (
 // Client talks to nodes' HTTP APIs.
 type Client struct {
 	HTTP *http.Client
+	// Token is sent as "Authorization: Bearer <token>" with every request
+	// when set: the nodes' admin token (config http.admin_token).
+	Token string
 }
 
-// NewClient returns a client that gives up on a node after timeout.
-func NewClient(timeout time.Duration) *Client {
-	return &Client{HTTP: &http.Client{Timeout: timeout}}
+// NewClient returns a client that gives up on a node after timeout and
+// sends token (empty: none) with its requests.
+func NewClient(timeout time.Duration, token string) *Client {
+	return &Client{HTTP: &http.Client{Timeout: timeout}, Token: token}
 }
 
 // RemoteError is a failure a node reported.
@@ -37,36 +41,56 @@ func (e *RemoteError) Error() string {
 // Status fetches /v1/status from the node at addr (host:port).
 func (c *Client) Status(ctx context.Context, addr string, forwarded bool) (checkpoints.Status, error) {
 	var st checkpoints.Status
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url(addr, "/v1/status"), nil)
-	if err != nil {
-		return st, err
-	}
-	if forwarded {
-		req.Header.Set(ForwardedHeader, "1")
-	}
-	resp, err := c.HTTP.Do(req)
-	if err != nil {
-		return st, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return st, remoteError(addr, resp)
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return st, fmt.Errorf("%s: decode status: %w", addr, err)
-	}
-	return st, nil
+	err := c.call(ctx, http.MethodGet, addr, "/v1/status", nil, forwarded, &st)
+	return st, err
 }
 
 // Propose sends an encoded checkpoints command to the node at addr.
 func (c *Client) Propose(ctx context.Context, addr string, cmd []byte, forwarded bool) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url(addr, "/v1/internal/propose"), bytes.NewReader(cmd))
+	return c.call(ctx, http.MethodPost, addr, "/v1/internal/propose", cmd, forwarded, nil)
+}
+
+// Promote asks the node at addr to start a promotion.
+func (c *Client) Promote(ctx context.Context, addr string, req PromoteRequest, forwarded bool) (PromoteResponse, error) {
+	var out PromoteResponse
+	body, err := json.Marshal(req)
+	if err != nil {
+		return out, err
+	}
+	err = c.call(ctx, http.MethodPost, addr, "/v1/promote", body, forwarded, &out)
+	return out, err
+}
+
+// AbortPromotion asks the node at addr to abort the promotion in progress.
+func (c *Client) AbortPromotion(ctx context.Context, addr string, req AbortRequest, forwarded bool) (PromoteResponse, error) {
+	var out PromoteResponse
+	body, err := json.Marshal(req)
+	if err != nil {
+		return out, err
+	}
+	err = c.call(ctx, http.MethodPost, addr, "/v1/promote/abort", body, forwarded, &out)
+	return out, err
+}
+
+// call sends body (JSON, or nothing when nil) and decodes a 2xx answer
+// into out unless out is nil; any other answer is a *RemoteError.
+func (c *Client) call(ctx context.Context, method, addr, path string, body []byte, forwarded bool, out any) error {
+	var r io.Reader
+	if body != nil {
+		r = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url(addr, path), r)
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Content-Type", "application/json")
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	if forwarded {
 		req.Header.Set(ForwardedHeader, "1")
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
@@ -76,7 +100,13 @@ func (c *Client) Propose(ctx context.Context, addr string, cmd []byte, forwarded
 	if resp.StatusCode/100 != 2 {
 		return remoteError(addr, resp)
 	}
-	_, _ = io.Copy(io.Discard, resp.Body)
+	if out == nil {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("%s: decode the answer to %s %s: %w", addr, method, path, err)
+	}
 	return nil
 }
 
@@ -94,33 +124,4 @@ func url(addr, path string) string {
 		return strings.TrimSuffix(addr, "/") + path
 	}
 	return "http://" + addr + path
-}
-
-// Promote asks the node at addr to start a promotion.
-func (c *Client) Promote(ctx context.Context, addr string, req PromoteRequest, forwarded bool) (PromoteResponse, error) {
-	var out PromoteResponse
-	body, err := json.Marshal(req)
-	if err != nil {
-		return out, err
-	}
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, url(addr, "/v1/promote"), bytes.NewReader(body))
-	if err != nil {
-		return out, err
-	}
-	hreq.Header.Set("Content-Type", "application/json")
-	if forwarded {
-		hreq.Header.Set(ForwardedHeader, "1")
-	}
-	resp, err := c.HTTP.Do(hreq)
-	if err != nil {
-		return out, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		return out, remoteError(addr, resp)
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return out, fmt.Errorf("%s: decode the promotion: %w", addr, err)
-	}
-	return out, nil
 }

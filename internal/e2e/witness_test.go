@@ -11,6 +11,9 @@ import (
 // group; losing the witness, or the replica, leaves a majority that keeps
 // answering.
 func TestTwoSitesAndWitness(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end test")
+	}
 	saved := env.sites
 	env.sites = &local.Sites{List: saved.List[:2]}
 	c := newCluster(t, clusterOpts{schema: padSchema, tables: []string{"items"}})
