@@ -2,8 +2,12 @@ package consensus
 
 import (
 	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"slices"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -11,19 +15,22 @@ import (
 
 // streamLayer is the [raft.StreamLayer] under raft's NetworkTransport: a TCP
 // listener for the RPCs other nodes send us, and a dialer for the ones we
-// send. With a *tls.Config both sides speak TLS with that one config:
+// send. With a *tls.Config both sides speak mutual TLS, and every handshake
+// checks that the other end is a member of the group by name:
 //
-//   - listening, it is the server config: Certificates (or GetCertificate)
-//     are required; ClientAuth/ClientCAs turn on mutual TLS;
-//   - dialing, it is the client config: RootCAs verify the peer, and
-//     Certificates carry our client certificate when the peer asks for one.
-//     ServerName may stay empty: crypto/tls then verifies the host of the
-//     address we dial (an IP SAN for "10.1.0.5:7000").
+//   - listening, the client must present a certificate that the config's
+//     ClientCAs verify and that names a member (a DNS SAN, or the common
+//     name, equal to a peer's node id);
+//   - dialing, the server must present a certificate that RootCAs verify
+//     and that names exactly the node whose address we dial: ServerName is
+//     set to that node's id, so crypto/tls's host name check does it.
 //
-// Checking that the certificate on the other end belongs to the node we meant
-// to talk to (node ID in a SAN) is not done here. It belongs in the config's
-// VerifyConnection callback, which crypto/tls runs on both sides of every
-// handshake, so the security work only has to build that *tls.Config.
+// Node certificates therefore carry their node id as a DNS SAN ("a1"),
+// besides whatever names and addresses they are reached by.
+//
+// What the listening side cannot check is which member an inbound
+// connection speaks for: a stolen certificate of member a1 can send RPCs
+// as another node. Keep the keys as secret as the CA's.
 //
 // A TLS handshake happens on the first read or write of a connection, in
 // raft's goroutine for that connection; a peer speaking plain TCP to a TLS
@@ -31,22 +38,63 @@ import (
 type streamLayer struct {
 	net.Listener
 	advertise net.Addr
-	tls       *tls.Config // nil: plain TCP
+	tls       *tls.Config       // nil: plain TCP
+	ids       map[string]string // peer address -> node id
 }
 
 var _ raft.StreamLayer = (*streamLayer)(nil)
 
 // newStreamLayer listens on bind. advertise is the host:port other nodes dial
-// to reach us; it is what raft records as this node's address.
-func newStreamLayer(bind, advertise string, tlsConfig *tls.Config) (*streamLayer, error) {
+// to reach us; it is what raft records as this node's address. peers are the
+// members a TLS handshake accepts.
+func newStreamLayer(bind, advertise string, tlsConfig *tls.Config, peers []Peer) (*streamLayer, error) {
+	s := &streamLayer{advertise: addr(advertise), ids: map[string]string{}}
+	members := map[string]bool{}
+	for _, p := range peers {
+		s.ids[p.Address] = p.ID
+		members[p.ID] = true
+	}
+	if tlsConfig != nil {
+		s.tls = tlsConfig.Clone()
+		if s.tls.ClientCAs == nil {
+			s.tls.ClientCAs = s.tls.RootCAs
+		}
+		s.tls.ClientAuth = tls.RequireAndVerifyClientCert
+		s.tls.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("raft: the peer sent no certificate")
+			}
+			if cs.ServerName != "" {
+				return nil // we dialed: crypto/tls checked the name against ServerName
+			}
+			names := certNames(cs.PeerCertificates[0])
+			for _, n := range names {
+				if members[n] {
+					return nil
+				}
+			}
+			return fmt.Errorf("raft: refused a connection with a certificate for %v: it names no node of the group (%v)", names, slices.Sorted(maps.Keys(members)))
+		}
+	}
 	ln, err := net.Listen("tcp", bind)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", bind, err)
 	}
-	if tlsConfig != nil {
-		ln = tls.NewListener(ln, tlsConfig)
+	if s.tls != nil {
+		ln = tls.NewListener(ln, s.tls)
 	}
-	return &streamLayer{Listener: ln, advertise: addr(advertise), tls: tlsConfig}, nil
+	s.Listener = ln
+	return s, nil
+}
+
+// certNames are the names a certificate is for: its DNS SANs and common
+// name.
+func certNames(c *x509.Certificate) []string {
+	names := slices.Clone(c.DNSNames)
+	if c.Subject.CommonName != "" && !slices.Contains(names, c.Subject.CommonName) {
+		names = append(names, c.Subject.CommonName)
+	}
+	return names
 }
 
 // Addr is the advertised address, not the bound one: raft's NetworkTransport
@@ -54,13 +102,24 @@ func newStreamLayer(bind, advertise string, tlsConfig *tls.Config) (*streamLayer
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
 
 // Dial opens a connection to another node, TLS handshake included, within
-// timeout (raft passes its transport timeout).
+// timeout (raft passes its transport timeout). With TLS the other end must
+// prove it is the node we mean to reach.
 func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	d := &net.Dialer{Timeout: timeout}
 	if s.tls == nil {
 		return d.Dial("tcp", string(address))
 	}
-	return tls.DialWithDialer(d, "tcp", string(address), s.tls)
+	id, ok := s.ids[string(address)]
+	if !ok {
+		return nil, fmt.Errorf("raft: %s is no node's address in the group; not dialing it", address)
+	}
+	c := s.tls.Clone()
+	c.ServerName = id
+	conn, err := tls.DialWithDialer(d, "tcp", string(address), c)
+	if err != nil {
+		return nil, fmt.Errorf("raft: TLS to node %s at %s: %w", id, address, err)
+	}
+	return conn, nil
 }
 
 // addr is a host:port that may name a host rather than an IP (net.TCPAddr

@@ -69,6 +69,7 @@ func (ca *testCA) nodeTLS(t *testing.T, id string) *tls.Config {
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		DNSNames:     []string{id},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
@@ -164,4 +165,35 @@ func (c *cluster) leader2(a, b int) int {
 		return true
 	})
 	return found
+}
+
+// A node whose certificate, from the right CA, names no member of the group
+// is refused; so is one that presents another member's certificate at its
+// own address (dialing it, the others expect its own name).
+func TestTLSChecksNodeNames(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits several heartbeats")
+	}
+	for _, name := range []string{"intruder", "n1"} {
+		t.Run(name, func(t *testing.T) {
+			ca := newTestCA(t)
+			c := newCluster(t, 3, func(i int, cfg *Config) {
+				id := cfg.ID
+				if i == 2 {
+					id = name
+				}
+				cfg.TLS = ca.nodeTLS(t, id)
+			})
+			l := c.leader2(0, 1)
+			c.apply(l, bootstrapCmd(t))
+			c.apply(l, sourceCmd(t, 0x100))
+			time.Sleep(3 * testHeartbeat)
+			if c.nodes[2].LocalState().Bootstrapped() {
+				t.Errorf("the node with a certificate for %q got the state", name)
+			}
+			if !c.nodes[l].IsLeader() {
+				t.Error("the impostor unseated the leader")
+			}
+		})
+	}
 }

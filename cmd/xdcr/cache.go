@@ -15,6 +15,7 @@ import (
 
 	"github.com/xdcr/xdcr/internal/agent"
 	"github.com/xdcr/xdcr/internal/config"
+	"github.com/xdcr/xdcr/internal/natsconn"
 	"github.com/xdcr/xdcr/internal/progress"
 	"github.com/xdcr/xdcr/replicator/cache"
 )
@@ -114,7 +115,7 @@ func runCacheRebuild(ctx context.Context, stdout, stderr io.Writer, cfg *config.
 	// The flush events are a courtesy to in-process caches: a NATS that
 	// cannot be reached does not stop the rebuild.
 	var pub cache.Publisher
-	nc, err := nats.Connect(s.NATS, nats.Name("xdcr-cache-rebuild"), nats.Timeout(3*time.Second))
+	nc, err := natsconn.Connect(cfg, site, nats.Name("xdcr-cache-rebuild"), nats.Timeout(3*time.Second))
 	if err != nil {
 		log.Warn("cannot reach the site's NATS: no flush events will be published", "err", err)
 	} else {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/xdcr/xdcr/internal/api"
 	"github.com/xdcr/xdcr/internal/config"
+	"github.com/xdcr/xdcr/internal/natsconn"
 	"github.com/xdcr/xdcr/internal/progress"
 	"github.com/xdcr/xdcr/replicator"
 	"github.com/xdcr/xdcr/transport"
@@ -180,7 +181,10 @@ func syncTables(cfg *config.Config, only []string) ([]replicator.Table, error) {
 // Without it, apply reads the stream from its start and skips what the copy
 // holds: slower, but as correct.
 func streamEnd(ctx context.Context, cfg *config.Config, site, stream string, log *slog.Logger) (uint64, error) {
-	nc, err := nats.Connect(cfg.Sites[site].NATS, nats.Timeout(5*time.Second))
+	nc, err := natsconn.Connect(cfg, site, nats.Name("xdcr-sync"), nats.Timeout(5*time.Second))
+	if natsconn.Permanent(err) {
+		return 0, &exitError{exitFailure, err}
+	}
 	if err != nil {
 		log.Warn("cannot reach the site's NATS; apply will read the stream from its start", "err", err)
 		return 0, nil

@@ -5,14 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 )
 
 // NATSConfig describes one site's nats-server.
@@ -33,10 +37,55 @@ type NATSConfig struct {
 	// SyncInterval is JetStream's fsync interval. 0 means "always": fsync
 	// before every acknowledgement, the durability we ship.
 	SyncInterval time.Duration
+	// Security, when set, turns on TLS and authorization on the client and
+	// leafnode ports.
+	Security *NATSSecurity
 	// Logger receives the server's log at matching levels (notice = Info);
 	// nil discards it. Debug lines are produced only when Logger has Debug
 	// enabled; trace is never enabled.
 	Logger *slog.Logger
+}
+
+// NATSSecurity is TLS and authorization for a local NATS server, the way a
+// real site's server runs.
+type NATSSecurity struct {
+	// CAFile, CertFile and KeyFile are PEM files: the server's certificate
+	// (for 127.0.0.1) and the CA that verifies client certificates and the
+	// other sites' servers. The leafnode links between sites use them both
+	// ways. CertFile empty: no TLS.
+	CAFile, CertFile, KeyFile string
+	// VerifyClients requires a client certificate signed by CAFile.
+	VerifyClients bool
+	// Users are user -> password pairs clients log in with; NKeys are
+	// public user nkeys ("U…") that log in with their seed.
+	Users map[string]string
+	NKeys []string
+	// LeafPassword authenticates the leafnode links (user "leaf");
+	// AdminPassword is for deploy/local's own connections (user
+	// "local-admin", see [NATS.Connect]). StartSites generates both.
+	LeafPassword, AdminPassword string
+}
+
+// tls reports whether the server speaks TLS.
+func (s *NATSSecurity) tls() bool { return s != nil && s.CertFile != "" }
+
+// auth reports whether clients must log in.
+func (s *NATSSecurity) auth() bool {
+	return s != nil && (len(s.Users) > 0 || len(s.NKeys) > 0 || s.AdminPassword != "")
+}
+
+func (s *NATSSecurity) writeTLS(b *strings.Builder, indent string, verify bool) {
+	fmt.Fprintf(b, "%stls {\n", indent)
+	fmt.Fprintf(b, "%s  cert_file: %s\n", indent, confQuote(s.CertFile))
+	fmt.Fprintf(b, "%s  key_file: %s\n", indent, confQuote(s.KeyFile))
+	if s.CAFile != "" {
+		fmt.Fprintf(b, "%s  ca_file: %s\n", indent, confQuote(s.CAFile))
+	}
+	if verify {
+		fmt.Fprintf(b, "%s  verify: true\n", indent)
+	}
+	fmt.Fprintf(b, "%s  timeout: 5\n", indent)
+	fmt.Fprintf(b, "%s}\n", indent)
 }
 
 // natsHost is the address every local server listens on.
@@ -66,6 +115,24 @@ func RenderNATSConfig(cfg NATSConfig) string {
 	fmt.Fprintf(&b, "server_name: %s\n", confQuote(cfg.Name))
 	fmt.Fprintf(&b, "listen: %s\n", confQuote(natsHost+":"+port(cfg.Port)))
 	fmt.Fprintf(&b, "log_file: %s\n\n", confQuote(filepath.Join(cfg.Dir, "nats.log")))
+	sec := cfg.Security
+	if sec.tls() {
+		sec.writeTLS(&b, "", sec.VerifyClients)
+		b.WriteString("\n")
+	}
+	if sec.auth() {
+		b.WriteString("authorization {\n  users: [\n")
+		if sec.AdminPassword != "" {
+			fmt.Fprintf(&b, "    { user: %s, password: %s }\n", confQuote(natsAdminUser), confQuote(sec.AdminPassword))
+		}
+		for _, u := range slices.Sorted(maps.Keys(sec.Users)) {
+			fmt.Fprintf(&b, "    { user: %s, password: %s }\n", confQuote(u), confQuote(sec.Users[u]))
+		}
+		for _, k := range sec.NKeys {
+			fmt.Fprintf(&b, "    { nkey: %s }\n", confQuote(k))
+		}
+		b.WriteString("  ]\n}\n\n")
+	}
 	b.WriteString("jetstream {\n")
 	fmt.Fprintf(&b, "  store_dir: %s\n", confQuote(filepath.Join(cfg.Dir, "jetstream")))
 	fmt.Fprintf(&b, "  domain: %s\n", confQuote(cfg.Name))
@@ -77,12 +144,27 @@ func RenderNATSConfig(cfg NATSConfig) string {
 	b.WriteString("  # Do not pass interest learned from one leaf connection on to another:\n")
 	b.WriteString("  # without it the mesh's cycles trip leafnode loop detection.\n")
 	b.WriteString("  isolate_leafnode_interest: true\n")
+	if sec.tls() {
+		sec.writeTLS(&b, "  ", true)
+	}
+	if sec != nil && sec.LeafPassword != "" {
+		fmt.Fprintf(&b, "  authorization { user: %s, password: %s }\n", confQuote(natsLeafUser), confQuote(sec.LeafPassword))
+	}
 	if len(cfg.Remotes) == 0 {
 		b.WriteString("  remotes: []\n")
 	} else {
 		b.WriteString("  remotes: [\n")
 		for _, r := range cfg.Remotes {
-			fmt.Fprintf(&b, "    { url: %s }\n", confQuote(r))
+			if sec != nil && sec.LeafPassword != "" {
+				r = strings.Replace(r, "://", "://"+natsLeafUser+":"+url.QueryEscape(sec.LeafPassword)+"@", 1)
+			}
+			if !sec.tls() {
+				fmt.Fprintf(&b, "    { url: %s }\n", confQuote(r))
+				continue
+			}
+			fmt.Fprintf(&b, "    {\n      url: %s\n", confQuote(r))
+			sec.writeTLS(&b, "      ", false)
+			b.WriteString("    }\n")
 		}
 		b.WriteString("  ]\n")
 	}
@@ -185,8 +267,39 @@ func StartNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 // errListen marks a start that failed because a listener could not bind.
 var errListen = errors.New("listen failed")
 
-// URL returns the client URL, "nats://127.0.0.1:PORT".
-func (n *NATS) URL() string { return "nats://" + natsHost + ":" + strconv.Itoa(n.cfg.Port) }
+// Users of a secured server that deploy/local itself adds.
+const (
+	natsAdminUser = "local-admin"
+	natsLeafUser  = "leaf"
+)
+
+// URL returns the client URL, "nats://127.0.0.1:PORT", or tls:// when the
+// server speaks TLS. It carries no credentials.
+func (n *NATS) URL() string {
+	scheme := "nats://"
+	if n.cfg.Security.tls() {
+		scheme = "tls://"
+	}
+	return scheme + natsHost + ":" + strconv.Itoa(n.cfg.Port)
+}
+
+// Connect connects to the server with the rights of deploy/local's own
+// admin user and its TLS files, if it is secured, then opts.
+func (n *NATS) Connect(opts ...nats.Option) (*nats.Conn, error) {
+	var own []nats.Option
+	if sec := n.cfg.Security; sec != nil {
+		if sec.tls() && sec.CAFile != "" {
+			own = append(own, nats.RootCAs(sec.CAFile))
+		}
+		if sec.tls() && sec.VerifyClients {
+			own = append(own, nats.ClientCert(sec.CertFile, sec.KeyFile))
+		}
+		if sec.AdminPassword != "" {
+			own = append(own, nats.UserInfo(natsAdminUser, sec.AdminPassword))
+		}
+	}
+	return nats.Connect(n.URL(), append(own, opts...)...)
+}
 
 // LeafURL returns the URL other sites solicit, "nats-leaf://127.0.0.1:LEAFPORT".
 func (n *NATS) LeafURL() string {

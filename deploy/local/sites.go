@@ -2,6 +2,7 @@ package local
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,6 +23,9 @@ type SitesConfig struct {
 	PostgresSettings map[string]string
 	// NATSSyncInterval is passed to every NATS server; 0 = "always".
 	NATSSyncInterval time.Duration
+	// NATSSecurity, when set, secures every NATS server the same way; its
+	// LeafPassword and AdminPassword are generated when empty.
+	NATSSecurity *NATSSecurity
 	// NoPostgres starts only the NATS servers; Site.Postgres stays nil.
 	// Transport tests that need no database start much faster.
 	NoPostgres bool
@@ -101,6 +105,17 @@ func StartSites(ctx context.Context, cfg SitesConfig) (_ *Sites, err error) {
 	}
 	s := &Sites{List: make([]*Site, n)}
 	natsCfgs := make([]NATSConfig, n)
+	var sec *NATSSecurity
+	if cfg.NATSSecurity != nil {
+		c := *cfg.NATSSecurity
+		if c.LeafPassword == "" {
+			c.LeafPassword = rand.Text()
+		}
+		if c.AdminPassword == "" {
+			c.AdminPassword = rand.Text()
+		}
+		sec = &c
+	}
 	for i, name := range cfg.Names {
 		s.List[i] = &Site{Name: name}
 		natsCfgs[i] = NATSConfig{
@@ -109,6 +124,7 @@ func StartSites(ctx context.Context, cfg SitesConfig) (_ *Sites, err error) {
 			Port:         ports[2*i],
 			LeafPort:     ports[2*i+1],
 			SyncInterval: cfg.NATSSyncInterval,
+			Security:     sec,
 			Logger:       logger.With("site", name, "component", "nats"),
 		}
 	}

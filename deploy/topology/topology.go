@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/xdcr/xdcr/deploy/local"
@@ -311,7 +310,7 @@ func (c *Cluster) WaitReady(ctx context.Context) error {
 }
 
 func (c *Cluster) waitStreams(ctx context.Context, s *local.Site) error {
-	nc, err := nats.Connect(s.NATS.URL())
+	nc, err := s.NATS.Connect()
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,7 +21,9 @@ import (
 	"github.com/xdcr/xdcr/checkpoints"
 	"github.com/xdcr/xdcr/consensus"
 	"github.com/xdcr/xdcr/internal/api"
+	"github.com/xdcr/xdcr/internal/certs"
 	"github.com/xdcr/xdcr/internal/config"
+	"github.com/xdcr/xdcr/internal/natsconn"
 	"github.com/xdcr/xdcr/replicator"
 	"github.com/xdcr/xdcr/transport"
 )
@@ -46,7 +49,8 @@ type Agent struct {
 	node    config.Node
 	opts    Options
 	log     *slog.Logger
-	token   string // the HTTP API's admin token; empty: none
+	token   string      // the HTTP API's admin token; empty: none
+	raftTLS *tls.Config // mutual TLS between the Raft nodes; nil: plain TCP
 	metrics *metrics
 	client  *api.Client
 
@@ -92,7 +96,15 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 	if err != nil {
 		return nil, err
 	}
+	var raftTLS *tls.Config
+	if cfg.TLS.Enabled() {
+		f := cfg.TLS.ForNode(id)
+		if raftTLS, err = certs.Load(certs.Files{CA: f.CAFile, Cert: f.CertFile, Key: f.KeyFile}); err != nil {
+			return nil, fmt.Errorf("tls of node %s: %w", id, err)
+		}
+	}
 	return &Agent{
+		raftTLS: raftTLS,
 		cfg:     cfg,
 		id:      id,
 		node:    node,
@@ -119,6 +131,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Bind:   a.node.Raft,
 		Dir:    filepath.Join(a.opts.DataDir, "raft"),
 		Peers:  a.peers(),
+		TLS:    a.raftTLS,
 		Logger: a.log.With("component", "raft"),
 	})
 	if err != nil {
@@ -382,8 +395,10 @@ func (a *Agent) pipelineSnapshot() pipelineState {
 	return p
 }
 
+// connectNATS connects to the site's NATS, retrying in the background
+// while it is away; bad credentials or a failed TLS verification end the
+// agent with what to fix instead.
 func (a *Agent) connectNATS() (*nats.Conn, error) {
-	url := a.cfg.Sites[a.node.Site].NATS
 	opts := []nats.Option{
 		nats.Name("xdcr-" + a.id),
 		nats.MaxReconnects(-1),
@@ -395,10 +410,21 @@ func (a *Agent) connectNATS() (*nats.Conn, error) {
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) { a.log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			a.log.Warn("nats error", "err", natsconn.Explain(a.node.Site, err))
+		}),
 	}
-	nc, err := nats.Connect(url, opts...)
+	// one plain attempt first: it tells a refusal from an absence
+	nc, err := natsconn.Connect(a.cfg, a.node.Site, append(opts[:1:1], nats.Timeout(5*time.Second))...)
+	switch {
+	case err == nil:
+		nc.Close()
+	case natsconn.Permanent(err):
+		return nil, err
+	}
+	nc, err = natsconn.Connect(a.cfg, a.node.Site, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to nats of site %s: %w", a.node.Site, err)
+		return nil, err
 	}
 	return nc, nil
 }

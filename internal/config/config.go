@@ -52,6 +52,31 @@ type Config struct {
 	Invalidation Invalidation
 	Schema       Schema
 	HTTP         HTTP
+	// TLS secures the Raft links between the nodes with mutual TLS.
+	TLS TLS
+}
+
+// NodePlaceholder in a [TLS] path stands for the id of the node that reads
+// the file, so one shared config names every node's own certificate.
+const NodePlaceholder = "{node}"
+
+// TLS names the PEM files of mutual TLS between the nodes' Raft
+// transports: all three, or none (plain TCP). Every node's certificate
+// must carry its node id as a DNS name (e.g. "a1"); a node accepts only
+// certificates of CAFile's CA that name a node of the config.
+type TLS struct {
+	CAFile   string // the CA bundle that verifies the other nodes
+	CertFile string // this node's certificate; may contain {node}
+	KeyFile  string // its key; may contain {node}
+}
+
+// Enabled reports whether TLS is configured.
+func (t TLS) Enabled() bool { return t != (TLS{}) }
+
+// ForNode returns the paths with {node} replaced by id.
+func (t TLS) ForNode(id string) TLS {
+	r := strings.NewReplacer(NodePlaceholder, id)
+	return TLS{CAFile: r.Replace(t.CAFile), CertFile: r.Replace(t.CertFile), KeyFile: r.Replace(t.KeyFile)}
 }
 
 // Schema says what apply may change in a replica's schema by itself.
@@ -124,6 +149,20 @@ type Site struct {
 	// Redis is the site's cache, optional: redis://, rediss:// or
 	// memcache://host:port (memcache:// takes a comma-separated host list).
 	Redis string
+
+	// NATSAuth says how agents authenticate to and verify the site's NATS.
+	// A user and password go in the URL instead:
+	// nats://xdcr:${NATS_PASSWORD}@host:4222.
+	NATSAuth NATSAuth
+}
+
+// NATSAuth is a site's NATS credentials and TLS files; all optional.
+type NATSAuth struct {
+	CAFile    string // CA bundle that verifies the server (with tls:// URLs)
+	CertFile  string // client certificate, when the server verifies clients
+	KeyFile   string // its key
+	CredsFile string // a .creds file (user JWT and nkey seed)
+	NKeyFile  string // an nkey seed file (SU…)
 }
 
 // NATSServers splits NATS into its URLs.
@@ -437,6 +476,7 @@ func (c *Config) clone() *Config {
 	r.Tables = slices.Clone(c.Tables)
 	r.Sites = maps.Clone(c.Sites)
 	r.Nodes = maps.Clone(c.Nodes)
+	// TLS and NATSAuth hold paths, not secrets: they are copied as they are
 	if c.Cache != nil {
 		r.Cache = make(map[string]CacheTable, len(c.Cache))
 		for k, v := range c.Cache {

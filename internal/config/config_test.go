@@ -164,7 +164,7 @@ func TestExampleFile(t *testing.T) {
 		t.Errorf("example lost its nodes, tables or cache: %+v", c)
 	}
 	// Every key of the format appears in the example.
-	for _, keys := range [][]string{rootKeys, siteKeys, nodeKeys, cacheTableKeys, captureKeys, applyKeys, streamKeys, invalidationKeys, schemaKeys, httpKeys} {
+	for _, keys := range [][]string{rootKeys, siteKeys, nodeKeys, cacheTableKeys, captureKeys, applyKeys, streamKeys, invalidationKeys, schemaKeys, httpKeys, tlsKeys} {
 		for _, k := range keys {
 			if !strings.Contains(string(data), k+":") {
 				t.Errorf("the example does not show key %q", k)
@@ -439,5 +439,26 @@ func TestSchemaAndHTTP(t *testing.T) {
 	}
 	if got, err := c.HTTP.Token(); err != nil || got != token {
 		t.Errorf("token file: got %q, %v, want %q", got, err, token)
+	}
+}
+
+func TestTLSAndNATSAuth(t *testing.T) {
+	yaml := strings.Replace(base, "    nats: nats://10.2.0.6:4222\n",
+		"    nats: tls://10.2.0.6:4222\n    nats_ca_file: /etc/xdcr/nats-ca.pem\n    nats_cert_file: /etc/xdcr/c.pem\n    nats_key_file: /etc/xdcr/c-key.pem\n    nats_creds_file: /etc/xdcr/b.creds\n", 1) +
+		"tls:\n  ca_file: /etc/xdcr/tls/ca.pem\n  cert_file: /etc/xdcr/tls/{node}.pem\n  key_file: /etc/xdcr/tls/{node}-key.pem\n"
+	c := mustParse(t, []byte(yaml))
+	want := NATSAuth{CAFile: "/etc/xdcr/nats-ca.pem", CertFile: "/etc/xdcr/c.pem", KeyFile: "/etc/xdcr/c-key.pem", CredsFile: "/etc/xdcr/b.creds"}
+	if got := c.Sites["dc-b"].NATSAuth; got != want {
+		t.Errorf("nats auth: got %+v, want %+v", got, want)
+	}
+	if got, want := c.TLS.ForNode("b1"), (TLS{CAFile: "/etc/xdcr/tls/ca.pem", CertFile: "/etc/xdcr/tls/b1.pem", KeyFile: "/etc/xdcr/tls/b1-key.pem"}); got != want {
+		t.Errorf("ForNode: got %+v, want %+v", got, want)
+	}
+	out, err := c.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back := mustParse(t, out); !reflect.DeepEqual(back, c) {
+		t.Errorf("round trip lost something:\n%s", out)
 	}
 }

@@ -11,8 +11,9 @@ import (
 
 // The keys each mapping of the file accepts, in the order of the file.
 var (
-	rootKeys         = []string{"cluster", "primary", "tables", "sites", "nodes", "cache", "capture", "apply", "stream", "invalidation", "schema", "http"}
-	siteKeys         = []string{"postgres", "nats", "redis"}
+	rootKeys         = []string{"cluster", "primary", "tables", "sites", "nodes", "cache", "capture", "apply", "stream", "invalidation", "schema", "http", "tls"}
+	siteKeys         = []string{"postgres", "nats", "redis", "nats_ca_file", "nats_cert_file", "nats_key_file", "nats_creds_file", "nats_nkey_file"}
+	tlsKeys          = []string{"ca_file", "cert_file", "key_file"}
 	nodeKeys         = []string{"site", "raft", "http"}
 	cacheTableKeys   = []string{"keys", "warm"}
 	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval"}
@@ -163,6 +164,14 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 			d.fail("schema.auto-add-columns", g["auto-add-columns"].Line, "repeats schema.auto_add_columns in another spelling", "keep one of the two keys")
 		}
 		c.Schema.AutoAddColumns = d.boolean(g[key], "schema."+key)
+	}
+	if n := f["tls"]; n != nil {
+		g := d.fields(n, "tls", tlsKeys)
+		c.TLS = TLS{
+			CAFile:   d.str(g["ca_file"], "tls.ca_file"),
+			CertFile: d.str(g["cert_file"], "tls.cert_file"),
+			KeyFile:  d.str(g["key_file"], "tls.key_file"),
+		}
 	}
 	if n := f["http"]; n != nil {
 		g := d.fields(n, "http", httpKeys)
@@ -447,6 +456,13 @@ func (d *decoder) sites(n *yaml.Node, c *Config) {
 			Postgres: d.str(f["postgres"], p+".postgres"),
 			NATS:     d.str(f["nats"], p+".nats"),
 			Redis:    d.str(f["redis"], p+".redis"),
+			NATSAuth: NATSAuth{
+				CAFile:    d.str(f["nats_ca_file"], p+".nats_ca_file"),
+				CertFile:  d.str(f["nats_cert_file"], p+".nats_cert_file"),
+				KeyFile:   d.str(f["nats_key_file"], p+".nats_key_file"),
+				CredsFile: d.str(f["nats_creds_file"], p+".nats_creds_file"),
+				NKeyFile:  d.str(f["nats_nkey_file"], p+".nats_nkey_file"),
+			},
 		}
 	}
 }

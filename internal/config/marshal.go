@@ -44,6 +44,14 @@ func (c *Config) Marshal() ([]byte, error) {
 		if s.Redis != "" {
 			addStr(m, "redis", s.Redis)
 		}
+		for _, kv := range []struct{ key, val string }{
+			{"nats_ca_file", s.NATSAuth.CAFile}, {"nats_cert_file", s.NATSAuth.CertFile}, {"nats_key_file", s.NATSAuth.KeyFile},
+			{"nats_creds_file", s.NATSAuth.CredsFile}, {"nats_nkey_file", s.NATSAuth.NKeyFile},
+		} {
+			if kv.val != "" {
+				addStr(m, kv.key, kv.val)
+			}
+		}
 		add(sites, name, m)
 	}
 	add(root, "sites", sites)
@@ -117,6 +125,13 @@ func (c *Config) Marshal() ([]byte, error) {
 		schema := mapping(false)
 		add(schema, "auto_add_columns", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
 		add(root, "schema", schema)
+	}
+	if c.TLS.Enabled() {
+		t := mapping(false)
+		addStr(t, "ca_file", c.TLS.CAFile)
+		addStr(t, "cert_file", c.TLS.CertFile)
+		addStr(t, "key_file", c.TLS.KeyFile)
+		add(root, "tls", t)
 	}
 	if c.HTTP != (HTTP{}) {
 		h := mapping(false)

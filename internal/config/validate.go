@@ -67,6 +67,7 @@ func (c *Config) validate(raw map[string]string, cacheLong map[string]bool) []*F
 	v.nodes()
 	v.cache(tables)
 	v.tuning()
+	v.tls()
 	return v.errs
 }
 
@@ -191,6 +192,7 @@ func (v *validator) sites() {
 			}
 		}
 		v.nats(p+".nats", s.NATS)
+		v.natsAuth(p, s)
 		v.redis(p+".redis", s.Redis)
 	}
 }
@@ -267,6 +269,40 @@ func (v *validator) nats(path, list string) {
 		if problem != "" {
 			v.add(path, label+" "+problem, natsFix)
 		}
+	}
+}
+
+func (v *validator) natsAuth(p string, s Site) {
+	a := s.NATSAuth
+	if a.CredsFile != "" && a.NKeyFile != "" {
+		v.add(p+".nats_nkey_file", "is set together with nats_creds_file", "keep one: a .creds file already holds the nkey seed")
+	}
+	if (a.CertFile == "") != (a.KeyFile == "") {
+		v.add(p+".nats_cert_file", "nats_cert_file and nats_key_file go together", "set both (the client certificate and its key), or neither")
+	}
+	if a.CAFile != "" || a.CertFile != "" {
+		for _, u := range s.NATSServers() {
+			if strings.HasPrefix(u, "nats://") {
+				v.add(p+".nats", "uses nats:// while TLS files are set", "write tls://HOST:4222, so that the connection is encrypted and verified with nats_ca_file")
+				break
+			}
+		}
+	}
+}
+
+func (v *validator) tls() {
+	t := v.c.TLS
+	if !t.Enabled() {
+		return
+	}
+	for _, f := range []struct{ key, val string }{{"ca_file", t.CAFile}, {"cert_file", t.CertFile}, {"key_file", t.KeyFile}} {
+		if f.val == "" {
+			v.add("tls."+f.key, "is required when tls is set",
+				"set ca_file, cert_file and key_file (cert_file and key_file may contain {node}, e.g. /etc/xdcr/tls/{node}.pem), or remove tls")
+		}
+	}
+	if t.CAFile != "" && strings.Contains(t.CAFile, NodePlaceholder) {
+		v.add("tls.ca_file", "contains {node}", "every node verifies the others with the same CA bundle; name one file")
 	}
 }
 
