@@ -60,6 +60,10 @@ type NATSSecurity struct {
 	// public user nkeys ("U…") that log in with their seed.
 	Users map[string]string
 	NKeys []string
+	// Permissions, when set, is a nats-server permissions map, such as
+	// {publish: [...], subscribe: [...]}, given to every user of Users and
+	// NKeys (not to deploy/local's own users).
+	Permissions string
 	// LeafPassword authenticates the leafnode links (user "leaf");
 	// AdminPassword is for deploy/local's own connections (user
 	// "local-admin", see [NATS.Connect]). StartSites generates both.
@@ -125,11 +129,15 @@ func RenderNATSConfig(cfg NATSConfig) string {
 		if sec.AdminPassword != "" {
 			fmt.Fprintf(&b, "    { user: %s, password: %s }\n", confQuote(natsAdminUser), confQuote(sec.AdminPassword))
 		}
+		perms := ""
+		if sec.Permissions != "" {
+			perms = ", permissions: " + sec.Permissions
+		}
 		for _, u := range slices.Sorted(maps.Keys(sec.Users)) {
-			fmt.Fprintf(&b, "    { user: %s, password: %s }\n", confQuote(u), confQuote(sec.Users[u]))
+			fmt.Fprintf(&b, "    { user: %s, password: %s%s }\n", confQuote(u), confQuote(sec.Users[u]), perms)
 		}
 		for _, k := range sec.NKeys {
-			fmt.Fprintf(&b, "    { nkey: %s }\n", confQuote(k))
+			fmt.Fprintf(&b, "    { nkey: %s%s }\n", confQuote(k), perms)
 		}
 		b.WriteString("  ]\n}\n\n")
 	}

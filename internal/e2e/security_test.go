@@ -170,6 +170,11 @@ func TestSecureLinks(t *testing.T) {
 			CAFile: p.ca, CertFile: p.serverCert, KeyFile: p.serverKey, VerifyClients: true,
 			Users: map[string]string{"xdcr-a": secrets["XDCR_NATSPASSWORD"]},
 			NKeys: []string{p.nkeyPublicB},
+			// what deploy/nats/README.md grants the agents of cluster "secure"
+			Permissions: `{
+				publish: ["$JS.API.>", "$JS.*.API.>", "$JS.FC.>", "xdcr.secure.>"]
+				subscribe: ["_INBOX.>"]
+			}`,
 		},
 	})
 	if err != nil {
