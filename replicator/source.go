@@ -99,7 +99,7 @@ func preflightSource(ctx context.Context, conn *pgx.Conn, cfg CaptureConfig) err
 	}
 	var problems []error
 	for _, t := range cfg.Tables {
-		if err := checkIdentity(ctx, conn, t); err != nil {
+		if err := CheckIdentity(ctx, conn, t); err != nil {
 			problems = append(problems, err)
 		}
 	}
@@ -109,7 +109,10 @@ func preflightSource(ctx context.Context, conn *pgx.Conn, cfg CaptureConfig) err
 	return ensurePublication(ctx, conn, cfg)
 }
 
-func checkIdentity(ctx context.Context, conn *pgx.Conn, t Table) error {
+// CheckIdentity checks that t exists and that its updates and deletes can be
+// replicated: a primary key, a replica identity index, or REPLICA IDENTITY
+// FULL. A failure is a *PermanentError with the fix.
+func CheckIdentity(ctx context.Context, conn *pgx.Conn, t Table) error {
 	var (
 		kind, ident     string
 		hasPK, hasIdent bool

@@ -225,7 +225,7 @@ func (s *syncRun) plan(ctx context.Context) error {
 		return fmt.Errorf("site %s: %w", s.cfg.Site, err)
 	}
 	for _, t := range s.cfg.Tables {
-		if err := checkIdentity(ctx, s.srcMeta, t); err != nil {
+		if err := CheckIdentity(ctx, s.srcMeta, t); err != nil {
 			problems = append(problems, err)
 			continue
 		}

@@ -119,6 +119,7 @@ exactly once and in commit order, to the site's own PostgreSQL.`,
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "auto", "log format: auto (text on a terminal, else json), json, text")
 	root.AddCommand(newAgentCmd(g), newLagCmd(g), newPromoteCmd(g), newSyncCmd(g), newDevCmd(g), newDemoCmd(g))
 	root.AddCommand(newVerifyCmd(g))
+	root.AddCommand(newConfigCmd(g))
 	root.AddCommand(newCacheCmd(g))
 	return root
 }
