@@ -127,13 +127,14 @@ func runLag(ctx context.Context, stdout, stderr io.Writer, cfg *config.Config, o
 
 // fetchStatus asks the nodes in turn and returns the first answer.
 // newClient returns a client of the nodes' HTTP APIs that carries the
-// config's admin token, if one is configured.
+// config's admin token, if one is configured, and speaks HTTPS when the
+// config says so.
 func newClient(cfg *config.Config, timeout time.Duration) (*api.Client, error) {
-	token, err := cfg.HTTP.Token()
+	c, err := api.ClientFor(cfg, timeout)
 	if err != nil {
 		return nil, &exitError{exitUsage, err}
 	}
-	return api.NewClient(timeout, token), nil
+	return c, nil
 }
 
 func fetchStatus(ctx context.Context, client *api.Client, cfg *config.Config) (checkpoints.Status, error) {

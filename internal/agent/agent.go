@@ -51,6 +51,7 @@ type Agent struct {
 	log     *slog.Logger
 	token   string      // the HTTP API's admin token; empty: none
 	raftTLS *tls.Config // mutual TLS between the Raft nodes; nil: plain TCP
+	httpTLS *tls.Config // the HTTP API's certificate; nil: plain HTTP
 	metrics *metrics
 	client  *api.Client
 
@@ -96,15 +97,25 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 	if err != nil {
 		return nil, err
 	}
-	var raftTLS *tls.Config
+	client, err := api.ClientFor(cfg, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	var raftTLS, httpTLS *tls.Config
 	if cfg.TLS.Enabled() {
 		f := cfg.TLS.ForNode(id)
 		if raftTLS, err = certs.Load(certs.Files{CA: f.CAFile, Cert: f.CertFile, Key: f.KeyFile}); err != nil {
 			return nil, fmt.Errorf("tls of node %s: %w", id, err)
 		}
+		if cfg.HTTP.TLS {
+			// the same certificate; HTTP clients (xdcr lag, Prometheus)
+			// authenticate with the token, not a certificate
+			httpTLS = &tls.Config{Certificates: raftTLS.Certificates, MinVersion: tls.VersionTLS12}
+		}
 	}
 	return &Agent{
 		raftTLS: raftTLS,
+		httpTLS: httpTLS,
 		cfg:     cfg,
 		id:      id,
 		node:    node,
@@ -112,7 +123,7 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 		log:     log.With("node", id, "site", node.Site),
 		metrics: newMetrics(opts.Version),
 		token:   token,
-		client:  api.NewClient(5*time.Second, token),
+		client:  client,
 		lease:   &sourceLease{timeout: leaseTimeout},
 	}, nil
 }
@@ -148,7 +159,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	httpCtx, stopHTTP := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopHTTP()
 	httpDone := make(chan error, 1)
-	srv := api.NewServer(a.node.HTTP, a, a.metrics.registry, api.Auth{Token: a.token, ProtectReads: a.cfg.HTTP.ProtectReads}, a.log)
+	srv := api.NewServer(a.node.HTTP, a, a.metrics.registry, api.Auth{Token: a.token, ProtectReads: a.cfg.HTTP.ProtectReads, TLS: a.httpTLS}, a.log)
 	go func() { httpDone <- srv.Run(httpCtx) }()
 
 	g, gctx := errgroup.WithContext(ctx)

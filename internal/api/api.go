@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -101,6 +102,8 @@ type Auth struct {
 	// ProtectReads requires the token on /v1/status and /metrics too.
 	// /healthz and /readyz are always open, for probes.
 	ProtectReads bool
+	// TLS, when set, serves HTTPS with its certificate.
+	TLS *tls.Config
 }
 
 // StatusError lets a backend choose the HTTP status and code of an error.
@@ -150,7 +153,10 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s for the HTTP API: %w", s.srv.Addr, err)
 	}
-	s.log.Info("http api listening", "addr", l.Addr().String())
+	if s.auth.TLS != nil {
+		l = tls.NewListener(l, s.auth.TLS)
+	}
+	s.log.Info("http api listening", "addr", l.Addr().String(), "tls", s.auth.TLS != nil)
 	errc := make(chan error, 1)
 	go func() { errc <- s.srv.Serve(l) }()
 	select {

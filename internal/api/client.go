@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/xdcr/xdcr/checkpoints"
+	"github.com/xdcr/xdcr/internal/certs"
+	"github.com/xdcr/xdcr/internal/config"
 )
 
 // Client talks to nodes' HTTP APIs.
@@ -19,12 +22,38 @@ type Client struct {
 	// Token is sent as "Authorization: Bearer <token>" with every request
 	// when set: the nodes' admin token (config http.admin_token).
 	Token string
+	https bool
 }
 
 // NewClient returns a client that gives up on a node after timeout and
 // sends token (empty: none) with its requests.
 func NewClient(timeout time.Duration, token string) *Client {
 	return &Client{HTTP: &http.Client{Timeout: timeout}, Token: token}
+}
+
+// ClientFor returns a client for the nodes of cfg: with its admin token,
+// and speaking HTTPS verified with tls.ca_file when http.tls is set.
+func ClientFor(cfg *config.Config, timeout time.Duration) (*Client, error) {
+	token, err := cfg.HTTP.Token()
+	if err != nil {
+		return nil, err
+	}
+	c := NewClient(timeout, token)
+	if cfg.HTTP.TLS {
+		pool, err := certs.LoadPool(cfg.TLS.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("http.tls: %w", err)
+		}
+		c.UseTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12})
+	}
+	return c, nil
+}
+
+// UseTLS makes the client speak HTTPS to addresses without a scheme,
+// verifying the nodes with cfg (its RootCAs).
+func (c *Client) UseTLS(cfg *tls.Config) {
+	c.HTTP.Transport = &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true}
+	c.https = true
 }
 
 // RemoteError is a failure a node reported.
@@ -78,6 +107,9 @@ func (c *Client) call(ctx context.Context, method, addr, path string, body []byt
 	var r io.Reader
 	if body != nil {
 		r = bytes.NewReader(body)
+	}
+	if c.https && !strings.Contains(addr, "://") {
+		addr = "https://" + addr
 	}
 	req, err := http.NewRequestWithContext(ctx, method, url(addr, path), r)
 	if err != nil {

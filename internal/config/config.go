@@ -100,6 +100,9 @@ type HTTP struct {
 	// ProtectReads requires the token on the read endpoints too
 	// (/v1/status, /metrics); /healthz and /readyz stay open for probes.
 	ProtectReads bool
+	// TLS serves the API over HTTPS with the node's certificate of the
+	// tls: block; clients verify it with tls.ca_file. Needs tls:.
+	TLS bool
 }
 
 // minTokenLen is the shortest admin token accepted: a token is a random

@@ -21,7 +21,7 @@ var (
 	streamKeys       = []string{"max_age", "max_bytes", "duplicate_window"}
 	invalidationKeys = []string{"max_outbox_rows"}
 	schemaKeys       = []string{"auto_add_columns", "auto-add-columns"}
-	httpKeys         = []string{"admin_token", "admin_token_file", "protect_reads"}
+	httpKeys         = []string{"admin_token", "admin_token_file", "protect_reads", "tls"}
 )
 
 // decoder walks the YAML node tree into a Config. It expands ${VAR} in
@@ -181,6 +181,7 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 		}
 		c.HTTP.AdminTokenFile = d.str(g["admin_token_file"], "http.admin_token_file")
 		c.HTTP.ProtectReads = d.boolean(g["protect_reads"], "http.protect_reads")
+		c.HTTP.TLS = d.boolean(g["tls"], "http.tls")
 	}
 	return c
 }

@@ -144,6 +144,9 @@ func (c *Config) Marshal() ([]byte, error) {
 		if c.HTTP.ProtectReads {
 			add(h, "protect_reads", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
 		}
+		if c.HTTP.TLS {
+			add(h, "tls", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+		}
 		add(root, "http", h)
 	}
 

@@ -697,6 +697,10 @@ func (v *validator) tuning() {
 		v.add("http.protect_reads", "is true but no admin token is configured", "set http.admin_token or http.admin_token_file, or remove protect_reads")
 	}
 
+	if h.TLS && !v.c.TLS.Enabled() {
+		v.add("http.tls", "is true but there is no tls block with the nodes' certificates", "add tls: {ca_file, cert_file, key_file}, or remove http.tls")
+	}
+
 	s := v.c.Stream.withDefaults()
 	if s.MaxAge < 0 && s.MaxAge != Unlimited {
 		v.add("stream.max_age", v.show("stream.max_age", formatDuration(s.MaxAge))+" is negative",

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
@@ -121,7 +122,8 @@ func writeNKey(t *testing.T, dir, name string) (path, public string) {
 // TestSecureLinks runs a two-site cluster (plus witness) with every link
 // secured: PostgreSQL over TLS (verify-full) with a SCRAM password, NATS
 // over mutual TLS with a password on one site and an nkey on the other,
-// Raft over mutual TLS with node names checked, and an admin token. It
+// Raft over mutual TLS with node names checked, the HTTP API over HTTPS
+// with an admin token. It
 // replicates; the secrets appear in no log, status output or command line;
 // a wrong CA, password or nkey is refused with a clear error; and a Raft
 // node with a certificate of another CA is kept out of the group.
@@ -207,6 +209,7 @@ func TestSecureLinks(t *testing.T) {
 			cfg.Sites[a], cfg.Sites[b] = sa, sb
 			cfg.TLS = config.TLS{CAFile: p.ca, CertFile: filepath.Join(p.dir, "{node}.pem"), KeyFile: filepath.Join(p.dir, "{node}-key.pem")}
 			cfg.HTTP.AdminToken = secrets["XDCR_ADMIN_TOKEN"]
+			cfg.HTTP.TLS = true
 		},
 	})
 	if err != nil {
@@ -298,7 +301,16 @@ func TestSecureLinks(t *testing.T) {
 			t.Errorf("%s: got %v, want %q", tc.name, err, tc.want)
 		}
 	}
-	resp, err := http.Post("http://"+c.HTTPAddr(topology.NodeID(a))+"/v1/promote", "application/json", strings.NewReader(`{"to":"`+b+`"}`))
+	pool, err := certs.LoadPool(p.ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	if resp, err := http.Get("http://" + c.HTTPAddr(topology.NodeID(a)) + "/healthz"); err == nil && resp.StatusCode == http.StatusOK {
+		resp.Body.Close()
+		t.Error("the API answers plain HTTP with http.tls on")
+	}
+	resp, err := hc.Post("https://"+c.HTTPAddr(topology.NodeID(a))+"/v1/promote", "application/json", strings.NewReader(`{"to":"`+b+`"}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,10 +339,10 @@ func TestSecureLinks(t *testing.T) {
 	}
 	execOn(t, c, a, `INSERT INTO items VALUES (1000, 'while b1 is out')`)
 	time.Sleep(8 * time.Second)
-	if ready(c.HTTPAddr(nodeB)) {
+	if ready(hc, c.HTTPAddr(nodeB)) {
 		t.Errorf("node %s with a certificate of another CA is ready (in the group)", nodeB)
 	}
-	if !ready(c.HTTPAddr(topology.NodeID(a))) {
+	if !ready(hc, c.HTTPAddr(topology.NodeID(a))) {
 		t.Errorf("node %s lost its group while %s knocked with a foreign certificate", topology.NodeID(a), nodeB)
 	}
 	if err := c.StopAgent(nodeB, 30*time.Second); err != nil {
@@ -355,7 +367,7 @@ func TestSecureLinks(t *testing.T) {
 				outputs["command line of "+n] = string(cmdline)
 			}
 		}
-		if resp, err := http.Get("http://" + c.HTTPAddr(n) + "/v1/status"); err == nil {
+		if resp, err := hc.Get("https://" + c.HTTPAddr(n) + "/v1/status"); err == nil {
 			var sb strings.Builder
 			buf := make([]byte, 32<<10)
 			for {
@@ -392,8 +404,8 @@ func execSQLOn(ctx context.Context, dsn, sql string) error {
 	return err
 }
 
-func ready(addr string) bool {
-	resp, err := http.Get("http://" + addr + "/readyz")
+func ready(hc *http.Client, addr string) bool {
+	resp, err := hc.Get("https://" + addr + "/readyz")
 	if err != nil {
 		return false
 	}
