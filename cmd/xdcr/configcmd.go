@@ -51,8 +51,8 @@ Exit status: 0 when nothing failed (warnings allowed); 1 when a check
 failed; 2 when the file is invalid.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if o.output != "table" && o.output != "json" {
-				return &exitError{exitUsage, fmt.Errorf("-o %q: want table or json", o.output)}
+			if err := checkOutput(o.output); err != nil {
+				return err
 			}
 			cfg, err := config.Load(o.config)
 			if err != nil {

@@ -51,8 +51,8 @@ It answers as long as any node can reach a Raft majority. Exit status: 0;
 no node could answer.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if o.output != "table" && o.output != "json" {
-				return &exitError{exitUsage, fmt.Errorf("-o %q: want table or json", o.output)}
+			if err := checkOutput(o.output); err != nil {
+				return err
 			}
 			cfg, err := config.Load(o.config)
 			if err != nil {
@@ -126,6 +126,14 @@ func runLag(ctx context.Context, stdout, stderr io.Writer, cfg *config.Config, o
 }
 
 // fetchStatus asks the nodes in turn and returns the first answer.
+// checkOutput checks the value of -o of a status command.
+func checkOutput(o string) error {
+	if o != "table" && o != "json" {
+		return &exitError{exitUsage, fmt.Errorf("-o %q: want table or json", o)}
+	}
+	return nil
+}
+
 // newClient returns a client of the nodes' HTTP APIs that carries the
 // config's admin token, if one is configured, and speaks HTTPS when the
 // config says so.

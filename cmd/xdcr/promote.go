@@ -148,20 +148,29 @@ func confirm(stdin io.Reader, stdout io.Writer, question string) error {
 
 // startPromotion asks the nodes in turn; a refusal is final.
 func startPromotion(ctx context.Context, client *api.Client, cfg *config.Config, req api.PromoteRequest) (api.PromoteResponse, error) {
+	return askNodes(cfg, "start the promotion", func(addr string) (api.PromoteResponse, error) {
+		return client.Promote(ctx, addr, req, false)
+	})
+}
+
+// askNodes calls each node in turn until one answers. A refusal (the
+// request is wrong, conflicts with the state, or lacks the token) is final:
+// every node would say the same.
+func askNodes(cfg *config.Config, what string, call func(addr string) (api.PromoteResponse, error)) (api.PromoteResponse, error) {
 	var errs []string
 	for _, id := range cfg.NodeNames() {
 		n, _ := cfg.Node(id)
-		resp, err := client.Promote(ctx, n.HTTP, req, false)
+		resp, err := call(n.HTTP)
 		if err == nil {
 			return resp, nil
 		}
 		var re *api.RemoteError
 		if errors.As(err, &re) && (re.Body.Code == api.CodeRejected || re.Body.Code == api.CodeBadRequest || re.Body.Code == api.CodeUnauthorized) {
-			return api.PromoteResponse{}, &exitError{exitFailure, fmt.Errorf("promotion refused: %s", re.Body.Error)}
+			return api.PromoteResponse{}, &exitError{exitFailure, fmt.Errorf("refused to %s: %s", what, re.Body.Error)}
 		}
 		errs = append(errs, fmt.Sprintf("%s (%s): %v", id, n.HTTP, err))
 	}
-	return api.PromoteResponse{}, fmt.Errorf("no node could start the promotion:\n  %s", strings.Join(errs, "\n  "))
+	return api.PromoteResponse{}, fmt.Errorf("no node could %s:\n  %s", what, strings.Join(errs, "\n  "))
 }
 
 // watchPromotion prints each step as the cluster's state shows it, until
@@ -266,24 +275,11 @@ func runAbort(ctx context.Context, stdout io.Writer, cfg *config.Config, args []
 	case len(args) == 1 && args[0] != p.To:
 		return &exitError{exitFailure, fmt.Errorf("the promotion in progress (%s) moves the primary to %s, not %s", p.ID, p.To, args[0])}
 	}
-	var (
-		resp api.PromoteResponse
-		errs []string
-	)
-	for _, id := range cfg.NodeNames() {
-		n, _ := cfg.Node(id)
-		resp, err = client.AbortPromotion(ctx, n.HTTP, api.AbortRequest{ID: p.ID}, false)
-		if err == nil {
-			break
-		}
-		var re *api.RemoteError
-		if errors.As(err, &re) && (re.Body.Code == api.CodeRejected || re.Body.Code == api.CodeUnauthorized) {
-			return &exitError{exitFailure, fmt.Errorf("abort refused: %s", re.Body.Error)}
-		}
-		errs = append(errs, fmt.Sprintf("%s (%s): %v", id, n.HTTP, err))
-	}
+	resp, err := askNodes(cfg, "abort the promotion", func(addr string) (api.PromoteResponse, error) {
+		return client.AbortPromotion(ctx, addr, api.AbortRequest{ID: p.ID}, false)
+	})
 	if err != nil {
-		return fmt.Errorf("no node could abort the promotion:\n  %s", strings.Join(errs, "\n  "))
+		return err
 	}
 	fmt.Fprintf(stdout, "%s promotion %s (%s %s -> %s) aborted; %s stays the primary in epoch %d\n",
 		stamp(), resp.ID, resp.Kind, resp.From, resp.To, resp.From, resp.Epoch)

@@ -58,8 +58,8 @@ rows kept changing on the primary during every check ("unsettled"), so
 they were not verified; 1 on errors.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if o.output != "table" && o.output != "json" {
-				return &exitError{exitUsage, fmt.Errorf("-o %q: want table or json", o.output)}
+			if err := checkOutput(o.output); err != nil {
+				return err
 			}
 			if o.samples < 0 {
 				return &exitError{exitUsage, fmt.Errorf("--samples %d: want 0 or more", o.samples)}

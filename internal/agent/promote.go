@@ -629,25 +629,44 @@ func (a *Agent) writeDivergence(end *checkpoints.EpochEnd, txns []change.Txn) (s
 	return path, nil
 }
 
+// leaderState reads the state through Raft when this node leads. When
+// another node leads it returns that node's HTTP address instead, for the
+// request to be forwarded there (unless it already was).
+func (a *Agent) leaderState(ctx context.Context, forwarded bool) (*checkpoints.State, string, error) {
+	st, err := a.raft.ConsistentState(ctx)
+	if errors.Is(err, consensus.ErrNotLeader) {
+		addr, err := a.leaderHTTP(forwarded)
+		return nil, addr, err
+	}
+	if err != nil {
+		return nil, "", noLeader(err)
+	}
+	return st, "", nil
+}
+
+// forwarded2 passes a promotion request on to the leader at addr (unless
+// err says it cannot be), keeping the leader's refusal a refusal.
+func forwardPromotion(err error, addr string, call func(addr string) (api.PromoteResponse, error)) (api.PromoteResponse, error) {
+	if err != nil {
+		return api.PromoteResponse{}, err
+	}
+	resp, err := call(addr)
+	var re *api.RemoteError
+	if errors.As(err, &re) && re.Body.Code == api.CodeRejected {
+		return resp, &api.StatusError{HTTP: http.StatusConflict, Code: api.CodeRejected, Err: errors.New(re.Body.Error)}
+	}
+	return resp, err
+}
+
 // Promote starts a promotion on the Raft leader (forwarding it there from
 // a follower): a switchover when the primary is healthy, a failover with
 // Force when it is gone.
 func (a *Agent) Promote(ctx context.Context, req api.PromoteRequest, forwarded bool) (api.PromoteResponse, error) {
-	st, err := a.raft.ConsistentState(ctx)
-	if errors.Is(err, consensus.ErrNotLeader) {
-		addr, err := a.leaderHTTP(forwarded)
-		if err != nil {
-			return api.PromoteResponse{}, err
-		}
-		resp, err := a.client.Promote(ctx, addr, req, true)
-		var re *api.RemoteError
-		if errors.As(err, &re) && re.Body.Code == api.CodeRejected {
-			return resp, &api.StatusError{HTTP: http.StatusConflict, Code: api.CodeRejected, Err: errors.New(re.Body.Error)}
-		}
-		return resp, err
-	}
-	if err != nil {
-		return api.PromoteResponse{}, noLeader(err)
+	st, leader, err := a.leaderState(ctx, forwarded)
+	if err != nil || leader != "" {
+		return forwardPromotion(err, leader, func(addr string) (api.PromoteResponse, error) {
+			return a.client.Promote(ctx, addr, req, true)
+		})
 	}
 	refuse := func(format string, args ...any) (api.PromoteResponse, error) {
 		return api.PromoteResponse{}, &api.StatusError{HTTP: http.StatusConflict, Code: api.CodeRejected, Err: fmt.Errorf(format, args...)}
@@ -702,21 +721,11 @@ func (a *Agent) Promote(ctx context.Context, req api.PromoteRequest, forwarded b
 // the new epoch began, nothing is aborted: a promotion is undone with
 // another promotion.
 func (a *Agent) AbortPromotion(ctx context.Context, req api.AbortRequest, forwarded bool) (api.PromoteResponse, error) {
-	st, err := a.raft.ConsistentState(ctx)
-	if errors.Is(err, consensus.ErrNotLeader) {
-		addr, err := a.leaderHTTP(forwarded)
-		if err != nil {
-			return api.PromoteResponse{}, err
-		}
-		resp, err := a.client.AbortPromotion(ctx, addr, req, true)
-		var re *api.RemoteError
-		if errors.As(err, &re) && re.Body.Code == api.CodeRejected {
-			return resp, &api.StatusError{HTTP: http.StatusConflict, Code: api.CodeRejected, Err: errors.New(re.Body.Error)}
-		}
-		return resp, err
-	}
-	if err != nil {
-		return api.PromoteResponse{}, noLeader(err)
+	st, leader, err := a.leaderState(ctx, forwarded)
+	if err != nil || leader != "" {
+		return forwardPromotion(err, leader, func(addr string) (api.PromoteResponse, error) {
+			return a.client.AbortPromotion(ctx, addr, req, true)
+		})
 	}
 	p := st.Promotion
 	switch {

@@ -101,23 +101,9 @@ func (ca *CA) WriteCA(path string) error {
 // more DNS names and IPs may follow) and its key, usable as server and
 // client, to dir/<name>.pem and dir/<name>-key.pem, and returns the paths.
 func (ca *CA) Issue(dir, name string, dns []string, ips []net.IP) (cert, key string, err error) {
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, k, err := ca.issue(name, dns, ips)
 	if err != nil {
 		return "", "", err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: name},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		DNSNames:     append([]string{name}, dns...),
-		IPAddresses:  ips,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &k.PublicKey, ca.key)
-	if err != nil {
-		return "", "", fmt.Errorf("issue a certificate for %s: %w", name, err)
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(k)
 	if err != nil {
@@ -131,6 +117,46 @@ func (ca *CA) Issue(dir, name string, dns []string, ips []net.IP) (cert, key str
 		return "", "", err
 	}
 	return cert, key, nil
+}
+
+// TLS returns what [Load] would for a certificate Issue'd for name: mutual
+// TLS with this CA as the roots both ways, kept in memory.
+func (ca *CA) TLS(name string, ips []net.IP) (*tls.Config, error) {
+	der, k, err := ca.issue(name, nil, ips)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.cert)
+	return &tls.Config{
+		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: k}},
+		RootCAs:      pool,
+		ClientCAs:    pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		MinVersion:   tls.VersionTLS13,
+	}, nil
+}
+
+func (ca *CA) issue(name string, dns []string, ips []net.IP) ([]byte, *ecdsa.PrivateKey, error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: name},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		DNSNames:     append([]string{name}, dns...),
+		IPAddresses:  ips,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &k.PublicKey, ca.key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("issue a certificate for %s: %w", name, err)
+	}
+	return der, k, nil
 }
 
 func writePEM(path, typ string, der []byte, mode os.FileMode) error {

@@ -66,16 +66,7 @@ func newCluster(t *testing.T, o clusterOpts) *topology.Cluster {
 		t.Fatalf("new cluster: %v", err)
 	}
 	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("stop agents: %v", err)
-		}
-		if t.Failed() {
-			for _, n := range c.Nodes() {
-				if b, err := os.ReadFile(c.LogPath(n)); err == nil {
-					t.Logf("---- agent %s log (last 60 lines) ----\n%s", n, lastLines(string(b), 60))
-				}
-			}
-		}
+		stopCluster(t, c)
 		dropSlots(t, c)
 	})
 	if o.primaryOnly != "" {
@@ -90,6 +81,21 @@ func newCluster(t *testing.T, o clusterOpts) *topology.Cluster {
 		}
 	}
 	return c
+}
+
+// stopCluster stops c's agents and, if the test failed, prints the end of
+// their logs.
+func stopCluster(t *testing.T, c *topology.Cluster) {
+	if err := c.Close(); err != nil {
+		t.Errorf("stop agents: %v", err)
+	}
+	if t.Failed() {
+		for _, n := range c.Nodes() {
+			if b, err := os.ReadFile(c.LogPath(n)); err == nil {
+				t.Logf("---- agent %s log (last 60 lines) ----\n%s", n, lastLines(string(b), 60))
+			}
+		}
+	}
 }
 
 func slug(s string) string {

@@ -184,8 +184,13 @@ func TestSecureLinks(t *testing.T) {
 	}
 	t.Cleanup(func() { sites.Close() })
 	for _, s := range sites.List {
-		if err := execSQLOn(ctx, s.Postgres.DSN("postgres"), fmt.Sprintf(
-			"CREATE ROLE xdcr LOGIN SUPERUSER REPLICATION PASSWORD '%s'", secrets["XDCR_PGPASSWORD"])); err != nil {
+		conn, err := pgx.Connect(ctx, s.Postgres.DSN("postgres"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = conn.Exec(ctx, fmt.Sprintf("CREATE ROLE xdcr LOGIN SUPERUSER REPLICATION PASSWORD '%s'", secrets["XDCR_PGPASSWORD"]))
+		conn.Close(ctx)
+		if err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -215,18 +220,7 @@ func TestSecureLinks(t *testing.T) {
 	if err != nil {
 		t.Fatalf("new cluster: %v", err)
 	}
-	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("stop agents: %v", err)
-		}
-		if t.Failed() {
-			for _, n := range c.Nodes() {
-				if b, err := os.ReadFile(c.LogPath(n)); err == nil {
-					t.Logf("---- agent %s log (last 40 lines) ----\n%s", n, lastLines(string(b), 40))
-				}
-			}
-		}
-	})
+	t.Cleanup(func() { stopCluster(t, c) })
 	// the file names the secrets by variable only, as an operator writes it
 	data, err := os.ReadFile(c.ConfigPath)
 	if err != nil {
@@ -392,16 +386,6 @@ func TestSecureLinks(t *testing.T) {
 	if len(outputs) < 7 {
 		t.Errorf("checked only %d outputs for secrets", len(outputs))
 	}
-}
-
-func execSQLOn(ctx context.Context, dsn, sql string) error {
-	conn, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	_, err = conn.Exec(ctx, sql)
-	return err
 }
 
 func ready(hc *http.Client, addr string) bool {
