@@ -53,6 +53,12 @@ type Config struct {
 	Advertise string // host:port the other nodes dial; default Bind
 	Dir       string // data directory: raft.db (bolt log + stable store), snapshots/
 
+	// DialVia maps a peer's address to the address this node dials instead
+	// (a proxy in front of the link, as fault-injection tests put on every
+	// link between sites); raft still knows the peer by its own address.
+	// Empty: dial peers directly.
+	DialVia map[string]string
+
 	// Peers lists every voter, this node included. It is the configuration
 	// of the very first bootstrap only: once Dir holds Raft state the group's
 	// membership comes from the log, and Peers is not consulted again (a

@@ -127,7 +127,7 @@ func (n *Node) open() error {
 	if n.snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.Dir, retainSnapshots, hl.Named("snapshot")); err != nil {
 		return fmt.Errorf("snapshot store: %w", err)
 	}
-	if n.stream, err = newStreamLayer(cfg.Bind, cfg.Advertise, cfg.TLS, cfg.Peers); err != nil {
+	if n.stream, err = newStreamLayer(cfg.Bind, cfg.Advertise, cfg.TLS, cfg.Peers, cfg.DialVia); err != nil {
 		return err
 	}
 	n.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{

@@ -40,6 +40,7 @@ type streamLayer struct {
 	advertise net.Addr
 	tls       *tls.Config       // nil: plain TCP
 	ids       map[string]string // peer address -> node id
+	via       map[string]string // peer address -> address to dial instead
 }
 
 var _ raft.StreamLayer = (*streamLayer)(nil)
@@ -47,25 +48,28 @@ var _ raft.StreamLayer = (*streamLayer)(nil)
 // newStreamLayer listens on bind. advertise is the host:port other nodes dial
 // to reach us; it is what raft records as this node's address. peers are the
 // members a TLS handshake accepts.
-func newStreamLayer(bind, advertise string, tlsConfig *tls.Config, peers []Peer) (*streamLayer, error) {
-	s := &streamLayer{advertise: addr(advertise), ids: map[string]string{}}
+func newStreamLayer(bind, advertise string, tlsConfig *tls.Config, peers []Peer, via map[string]string) (*streamLayer, error) {
+	s := &streamLayer{advertise: addr(advertise), ids: map[string]string{}, via: via}
 	members := map[string]bool{}
 	for _, p := range peers {
 		s.ids[p.Address] = p.ID
 		members[p.ID] = true
 	}
+	var server *tls.Config
 	if tlsConfig != nil {
+		// Dialing, crypto/tls checks the other end's certificate against the
+		// ServerName Dial sets: the node we mean to reach.
 		s.tls = tlsConfig.Clone()
-		if s.tls.ClientCAs == nil {
-			s.tls.ClientCAs = s.tls.RootCAs
+		// Accepting, the client's certificate must name a member. The SNI a
+		// client sends proves nothing, so this check never looks at it.
+		server = tlsConfig.Clone()
+		if server.ClientCAs == nil {
+			server.ClientCAs = server.RootCAs
 		}
-		s.tls.ClientAuth = tls.RequireAndVerifyClientCert
-		s.tls.VerifyConnection = func(cs tls.ConnectionState) error {
+		server.ClientAuth = tls.RequireAndVerifyClientCert
+		server.VerifyConnection = func(cs tls.ConnectionState) error {
 			if len(cs.PeerCertificates) == 0 {
 				return errors.New("raft: the peer sent no certificate")
-			}
-			if cs.ServerName != "" {
-				return nil // we dialed: crypto/tls checked the name against ServerName
 			}
 			names := certNames(cs.PeerCertificates[0])
 			for _, n := range names {
@@ -80,8 +84,8 @@ func newStreamLayer(bind, advertise string, tlsConfig *tls.Config, peers []Peer)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", bind, err)
 	}
-	if s.tls != nil {
-		ln = tls.NewListener(ln, s.tls)
+	if server != nil {
+		ln = tls.NewListener(ln, server)
 	}
 	s.Listener = ln
 	return s, nil
@@ -106,8 +110,12 @@ func (s *streamLayer) Addr() net.Addr { return s.advertise }
 // prove it is the node we mean to reach.
 func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	d := &net.Dialer{Timeout: timeout}
+	target := string(address)
+	if v, ok := s.via[target]; ok {
+		target = v
+	}
 	if s.tls == nil {
-		return d.Dial("tcp", string(address))
+		return d.Dial("tcp", target)
 	}
 	id, ok := s.ids[string(address)]
 	if !ok {
@@ -115,7 +123,7 @@ func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (n
 	}
 	c := s.tls.Clone()
 	c.ServerName = id
-	conn, err := tls.DialWithDialer(d, "tcp", string(address), c)
+	conn, err := tls.DialWithDialer(d, "tcp", target, c)
 	if err != nil {
 		return nil, fmt.Errorf("raft: TLS to node %s at %s: %w", id, address, err)
 	}

@@ -3,8 +3,11 @@ package consensus
 import (
 	"crypto/tls"
 	"net"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/raft"
 
 	"github.com/xdcr/xdcr/internal/certs"
 )
@@ -117,32 +120,97 @@ func (c *cluster) leader2(a, b int) int {
 }
 
 // A node whose certificate, from the right CA, names no member of the group
-// is refused; so is one that presents another member's certificate at its
-// own address (dialing it, the others expect its own name).
-func TestTLSChecksNodeNames(t *testing.T) {
+// never joins it: the members refuse its connections both ways, so it
+// neither wins a vote nor gets the state.
+func TestTLSRefusesIntruder(t *testing.T) {
 	if testing.Short() {
 		t.Skip("waits several heartbeats")
 	}
-	for _, name := range []string{"intruder", "n1"} {
-		t.Run(name, func(t *testing.T) {
-			ca := newTestCA(t)
-			c := newCluster(t, 3, func(i int, cfg *Config) {
-				id := cfg.ID
-				if i == 2 {
-					id = name
+	ca := newTestCA(t)
+	c := newCluster(t, 3, func(i int, cfg *Config) {
+		id := cfg.ID
+		if i == 2 {
+			id = "intruder"
+		}
+		cfg.TLS = ca.nodeTLS(t, id)
+	})
+	l := c.leader2(0, 1)
+	c.apply(l, bootstrapCmd(t))
+	c.apply(l, sourceCmd(t, 0x100))
+	time.Sleep(3 * testHeartbeat)
+	if c.nodes[2].LocalState().Bootstrapped() {
+		t.Error("the node with a certificate for \"intruder\" got the state")
+	}
+	if !c.nodes[l].IsLeader() {
+		t.Error("the intruder unseated the leader")
+	}
+}
+
+// The stream layer's own checks, without raft: a listener refuses a client
+// whose certificate names no member whatever name the client asks for; a
+// dialer refuses a server that answers at a member's address with another
+// member's certificate.
+func TestStreamLayerChecksNames(t *testing.T) {
+	ca := newTestCA(t)
+	listen := func(id string, peers []Peer) *streamLayer {
+		s, err := newStreamLayer("127.0.0.1:0", "", ca.nodeTLS(t, id), peers, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		go func() {
+			for {
+				conn, err := s.Accept()
+				if err != nil {
+					return
 				}
-				cfg.TLS = ca.nodeTLS(t, id)
-			})
-			l := c.leader2(0, 1)
-			c.apply(l, bootstrapCmd(t))
-			c.apply(l, sourceCmd(t, 0x100))
-			time.Sleep(3 * testHeartbeat)
-			if c.nodes[2].LocalState().Bootstrapped() {
-				t.Errorf("the node with a certificate for %q got the state", name)
+				go func() {
+					defer conn.Close()
+					// The handshake runs on first use; its error is the
+					// refusal. A member's byte comes back.
+					b := make([]byte, 1)
+					if _, err := conn.Read(b); err == nil {
+						_, _ = conn.Write(b)
+					}
+				}()
 			}
-			if !c.nodes[l].IsLeader() {
-				t.Error("the impostor unseated the leader")
-			}
-		})
+		}()
+		return s
+	}
+	// n1 listens; n2 is a member; "intruder" is not.
+	n1 := listen("n1", []Peer{{ID: "n1"}, {ID: "n2"}})
+	n1Addr := n1.Listener.Addr().String()
+	dial := func(as string, peers []Peer, to string) error {
+		d, err := newStreamLayer("127.0.0.1:0", "", ca.nodeTLS(t, as), peers, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		conn, err := d.Dial(raft.ServerAddress(to), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		// TLS 1.3: the server's verdict on our certificate arrives with the
+		// first read.
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := conn.Write([]byte{0}); err != nil {
+			return err
+		}
+		_, err = conn.Read(make([]byte, 1))
+		return err
+	}
+	members := []Peer{{ID: "n1", Address: n1Addr}, {ID: "n2"}}
+	if err := dial("n2", members, n1Addr); err != nil {
+		t.Errorf("member n2 dialing n1: %v", err)
+	}
+	err := dial("intruder", members, n1Addr)
+	if err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("intruder dialing n1 (asking for n1 by name) was not refused: %v", err)
+	}
+	// Dialing n2's address, the answer comes with n1's certificate.
+	wrong := []Peer{{ID: "n2", Address: n1Addr}}
+	if err := dial("n2", wrong, n1Addr); err == nil || !strings.Contains(err.Error(), "n2") {
+		t.Errorf("dialing n2 at an address that answers as n1: %v", err)
 	}
 }

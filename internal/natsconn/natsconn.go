@@ -60,6 +60,9 @@ func Connect(cfg *config.Config, site string, extra ...nats.Option) (*nats.Conn,
 // Permanent reports whether err is a refusal that retrying cannot cure:
 // bad credentials, or a TLS failure.
 func Permanent(err error) bool {
+	if err == nil {
+		return false
+	}
 	var (
 		unknownCA *x509.UnknownAuthorityError
 		invalid   x509.CertificateInvalidError
