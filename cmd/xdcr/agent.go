@@ -15,6 +15,8 @@ type agentOptions struct {
 	config  string
 	node    string
 	dataDir string
+	pprof   string
+	dialVia map[string]string
 }
 
 func newAgentCmd(g *globalOptions) *cobra.Command {
@@ -46,11 +48,18 @@ anything not yet confirmed is sent again after a restart.`,
 			if dir == "" {
 				dir = filepath.Join("/var/lib/xdcr", o.node)
 			}
-			a, err := agent.New(cfg, o.node, agent.Options{DataDir: dir, Version: version}, log)
+			a, err := agent.New(cfg, o.node, agent.Options{DataDir: dir, Version: version, DialVia: o.dialVia}, log)
 			if err != nil {
 				return &exitError{exitUsage, err}
 			}
 			log.Info("agent starting", "version", version, "node", o.node, "cluster", cfg.Cluster)
+			if o.pprof != "" {
+				stop, err := servePprof(cmd.Context(), o.pprof, log)
+				if err != nil {
+					return &exitError{exitUsage, err}
+				}
+				defer stop()
+			}
 			if err := a.Run(cmd.Context()); err != nil {
 				return fmt.Errorf("agent %s: %w", o.node, err)
 			}
@@ -61,6 +70,13 @@ anything not yet confirmed is sent again after a restart.`,
 	cmd.Flags().StringVarP(&o.config, "config", "c", "", "the cluster's config file (YAML)")
 	cmd.Flags().StringVar(&o.node, "node", "", "which of the config's nodes this agent is")
 	cmd.Flags().StringVar(&o.dataDir, "data-dir", "", "where the node keeps its Raft log and snapshots (default /var/lib/xdcr/NODE)")
+	cmd.Flags().StringVar(&o.pprof, "pprof", "", "serve Go's /debug/pprof/ profiles on this host:port (off by default; for profiling only, never expose it)")
+	// for the fault-injection tests (deploy/faults): reach the other nodes
+	// through a proxy on each link
+	cmd.Flags().StringToStringVar(&o.dialVia, "dial-via", nil, "ADDR=PROXY: dial PROXY whenever this node would dial another node at ADDR (Raft and HTTP)")
+	if err := cmd.Flags().MarkHidden("dial-via"); err != nil {
+		panic(err) // the flag is defined just above
+	}
 	mustRequire(cmd, "config", "node")
 	return cmd
 }

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/xdcr/xdcr/deploy/faults"
 )
 
 // SitesConfig describes N local sites.
@@ -26,6 +28,12 @@ type SitesConfig struct {
 	// NATSSecurity, when set, secures every NATS server the same way; its
 	// LeafPassword and AdminPassword are generated when empty.
 	NATSSecurity *NATSSecurity
+	// WAN, when set, routes every leaf-node link between two sites through
+	// a proxy of its own (a link of kind faults.KindLeaf from the soliciting
+	// site to the other): the remote URL names the proxy, which forwards to
+	// the other server's leaf port, so a test can cut, black-hole, delay or
+	// throttle it. The caller closes the WAN after the sites.
+	WAN *faults.WAN
 	// NoPostgres starts only the NATS servers; Site.Postgres stays nil.
 	// Transport tests that need no database start much faster.
 	NoPostgres bool
@@ -130,8 +138,15 @@ func StartSites(ctx context.Context, cfg SitesConfig) (_ *Sites, err error) {
 	}
 	for i := range natsCfgs {
 		for j := i + 1; j < n; j++ {
-			natsCfgs[i].Remotes = append(natsCfgs[i].Remotes,
-				fmt.Sprintf("nats-leaf://%s:%d", natsHost, natsCfgs[j].LeafPort))
+			addr := fmt.Sprintf("%s:%d", natsHost, natsCfgs[j].LeafPort)
+			if cfg.WAN != nil {
+				l, err := cfg.WAN.Add(faults.KindLeaf, cfg.Names[i], cfg.Names[j], addr)
+				if err != nil {
+					return nil, fmt.Errorf("start sites: %w", err)
+				}
+				addr = l.Addr()
+			}
+			natsCfgs[i].Remotes = append(natsCfgs[i].Remotes, "nats-leaf://"+addr)
 		}
 	}
 	defer func() {

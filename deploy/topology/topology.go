@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +24,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/xdcr/xdcr/deploy/faults"
 	"github.com/xdcr/xdcr/deploy/local"
 	"github.com/xdcr/xdcr/internal/config"
 	"github.com/xdcr/xdcr/replicator"
@@ -43,7 +45,19 @@ type Options struct {
 	// Dir holds the config file, and each node's data directory and log.
 	Dir string
 	// Tune adjusts the generated config before it is written.
-	Tune   func(*config.Config)
+	Tune func(*config.Config)
+	// AgentArgs, when set, returns extra command-line arguments for a
+	// node's agent (such as --pprof for the benchmarks).
+	AgentArgs func(node string) []string
+	// WAN, when set, routes the traffic between the agents of different
+	// sites through proxies of WAN, one per ordered pair of nodes and kind
+	// (faults.KindRaft to the other's Raft address, faults.KindHTTP to its
+	// HTTP API): each agent is started with --dial-via so that it reaches
+	// the others through them. The config keeps the nodes' own addresses,
+	// which the CLI and tests still reach directly. With the sites' leaf
+	// links in the same WAN (local.SitesConfig.WAN), WAN.Isolate(site) cuts
+	// a site off from all others. The caller closes the WAN.
+	WAN    *faults.WAN
 	Logger *slog.Logger
 }
 
@@ -53,9 +67,11 @@ type Cluster struct {
 	Config     *config.Config
 	ConfigPath string
 
-	dir    string
-	binary string
-	log    *slog.Logger
+	dir       string
+	binary    string
+	agentArgs func(node string) []string
+	dialVia   map[string]map[string]string // node -> address -> proxy (Options.WAN)
+	log       *slog.Logger
 
 	mu     sync.Mutex
 	agents map[string]*process
@@ -140,10 +156,42 @@ func New(ctx context.Context, sites *local.Sites, o Options) (*Cluster, error) {
 		ConfigPath: filepath.Join(o.Dir, "xdcr.yaml"),
 		dir:        o.Dir,
 		binary:     o.Binary,
+		agentArgs:  o.AgentArgs,
 		log:        o.Logger,
 		agents:     make(map[string]*process),
 	}
+	if o.WAN != nil {
+		if err := c.routeThrough(o.WAN); err != nil {
+			return nil, err
+		}
+	}
 	return c, c.WriteConfig()
+}
+
+// routeThrough puts a proxy of wan on the Raft and HTTP traffic of every
+// ordered pair of nodes in different sites.
+func (c *Cluster) routeThrough(wan *faults.WAN) error {
+	c.dialVia = map[string]map[string]string{}
+	for _, from := range c.Nodes() {
+		src, _ := c.Config.Node(from)
+		for _, to := range c.Nodes() {
+			dst, _ := c.Config.Node(to)
+			if src.Site == dst.Site {
+				continue
+			}
+			for _, l := range []struct{ kind, addr string }{{faults.KindRaft, dst.Raft}, {faults.KindHTTP, dst.HTTP}} {
+				link, err := wan.Add(l.kind, src.Site, dst.Site, l.addr)
+				if err != nil {
+					return fmt.Errorf("route %s from %s to %s: %w", l.kind, from, to, err)
+				}
+				if c.dialVia[from] == nil {
+					c.dialVia[from] = map[string]string{}
+				}
+				c.dialVia[from][l.addr] = link.Addr()
+			}
+		}
+	}
+	return nil
 }
 
 // WriteConfig writes the cluster's config to ConfigPath; agents read it
@@ -204,8 +252,19 @@ func (c *Cluster) StartAgent(ctx context.Context, node string) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(c.binary, "agent", "--config", c.ConfigPath, "--node", node,
-		"--data-dir", filepath.Join(c.dir, node), "--log-format", "json", "--log-level", "info")
+	args := []string{"agent", "--config", c.ConfigPath, "--node", node,
+		"--data-dir", filepath.Join(c.dir, node), "--log-format", "json", "--log-level", "info"}
+	if via := c.dialVia[node]; len(via) > 0 {
+		pairs := make([]string, 0, len(via))
+		for _, addr := range slices.Sorted(maps.Keys(via)) {
+			pairs = append(pairs, addr+"="+via[addr])
+		}
+		args = append(args, "--dial-via", strings.Join(pairs, ","))
+	}
+	if c.agentArgs != nil {
+		args = append(args, c.agentArgs(node)...)
+	}
+	cmd := exec.Command(c.binary, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

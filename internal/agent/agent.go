@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"path/filepath"
 	"sync"
 	"time"
@@ -34,6 +36,11 @@ type Options struct {
 	DataDir string
 	// Version is reported in metrics.
 	Version string
+	// DialVia maps another node's Raft or HTTP address to the address
+	// this node dials instead: a proxy in front of the link, as the
+	// fault-injection tests put on every link between sites (deploy/faults).
+	// Empty: dial the other nodes directly.
+	DialVia map[string]string
 }
 
 // Timing of the reports agents make through Raft, and of "down".
@@ -65,6 +72,8 @@ type Agent struct {
 	capture  *replicator.Capture // the running capture, for a drain
 	hold     bool                // a promotion holds the pipeline
 	cancel   context.CancelFunc  // ends the running pipeline
+
+	walWarnedAt time.Time // when the retained-WAL warning was last logged; zero: not over (slotwarn.go)
 }
 
 // pipelineState is what the site's pipeline last said about itself.
@@ -100,6 +109,9 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 	client, err := api.ClientFor(cfg, 5*time.Second)
 	if err != nil {
 		return nil, err
+	}
+	if len(opts.DialVia) > 0 {
+		dialVia(client.HTTP, opts.DialVia)
 	}
 	var raftTLS, httpTLS *tls.Config
 	if cfg.TLS.Enabled() {
@@ -138,12 +150,13 @@ func New(cfg *config.Config, id string, opts Options, log *slog.Logger) (*Agent,
 // and the Raft member last, so the node keeps voting until the end.
 func (a *Agent) Run(ctx context.Context) error {
 	node, err := consensus.Open(consensus.Config{
-		ID:     a.id,
-		Bind:   a.node.Raft,
-		Dir:    filepath.Join(a.opts.DataDir, "raft"),
-		Peers:  a.peers(),
-		TLS:    a.raftTLS,
-		Logger: a.log.With("component", "raft"),
+		ID:      a.id,
+		Bind:    a.node.Raft,
+		Dir:     filepath.Join(a.opts.DataDir, "raft"),
+		Peers:   a.peers(),
+		DialVia: a.opts.DialVia,
+		TLS:     a.raftTLS,
+		Logger:  a.log.With("component", "raft"),
 	})
 	if err != nil {
 		return fmt.Errorf("open raft: %w", err)
@@ -470,6 +483,24 @@ func (a *Agent) ensureStreams(ctx context.Context, js jetstream.JetStream) error
 		}
 		wait = min(2*wait, 10*time.Second)
 	}
+}
+
+// dialVia makes hc dial via[addr] whenever it would dial addr.
+func dialVia(hc *http.Client, via map[string]string) {
+	t, ok := hc.Transport.(*http.Transport)
+	if !ok || t == nil {
+		t = http.DefaultTransport.(*http.Transport).Clone()
+	} else {
+		t = t.Clone()
+	}
+	d := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
+	t.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if v, ok := via[addr]; ok {
+			addr = v
+		}
+		return d.DialContext(ctx, network, addr)
+	}
+	hc.Transport = t
 }
 
 // httpAddr is the HTTP address of a node id.
