@@ -324,8 +324,11 @@ func (c *Capture) ensureSlot(ctx context.Context, meta *pgx.Conn, last *change.B
 	}
 	if walStatus != nil && *walStatus == "lost" {
 		return slotState{}, permanent(fmt.Errorf("%w: replication slot %s on site %s was invalidated (wal_status lost): "+
-			"PostgreSQL removed WAL that the change stream still needed", ErrSlotLost, name, c.cfg.Site),
-			"re-seed every replica with `xdcr sync SITE`; raise max_slot_wal_keep_size so it does not happen again")
+			"PostgreSQL removed WAL that the change stream still needed (max_slot_wal_keep_size), so the replicas "+
+			"miss transactions that cannot be recovered from here and must be re-synced", ErrSlotLost, name, c.cfg.Site),
+			"re-seed every replica site: run `xdcr sync SITE --config FILE` for each one (the first replaces the invalidated slot "+
+				"with a new one), then restart this agent; raise max_slot_wal_keep_size (or set capture.max_retained_wal to be "+
+				"warned well before it) so that it does not happen again")
 	}
 	if stored == 0 {
 		// a slot made before capture ever ran here (by xdcr sync)

@@ -309,8 +309,21 @@ func (s *syncRun) ensureCaptured(ctx context.Context) error {
 		}
 	}
 	slot := SlotName(s.cfg.Cluster)
-	if err := s.srcMeta.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, slot).Scan(&exists); err != nil {
+	var lost bool
+	if err := s.srcMeta.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1),
+			EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND wal_status = 'lost')`, slot).Scan(&exists, &lost); err != nil {
 		return fmt.Errorf("primary: read replication slot %s: %w", slot, err)
+	}
+	if lost {
+		// PostgreSQL invalidated it (max_slot_wal_keep_size): it can never
+		// stream again, and this copy is what re-seeds the site, so a new
+		// slot replaces it; the changes after the copy reach the stream
+		// through the new one
+		if _, err := s.srcMeta.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, slot); err != nil {
+			return fmt.Errorf("primary: drop the invalidated replication slot %s: %w", slot, err)
+		}
+		s.log.Warn("dropped the capture's invalidated replication slot; a new one replaces it", "slot", slot)
+		exists = false
 	}
 	if !exists {
 		if _, err := s.srcMeta.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot); err != nil {

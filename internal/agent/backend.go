@@ -185,6 +185,10 @@ func (a *Agent) reportCommand() (checkpoints.Command, bool) {
 	if state == replicator.StateStreaming && p.catchUp {
 		state = checkpoints.StateCatchingUp
 	}
+	if errText == "" && p.role.Primary == a.node.Site {
+		// shown as the primary's error in /v1/status and xdcr lag
+		errText = retainedWALWarning(a.cfg.Cluster, p.source.RetainedWALBytes, a.cfg.Capture.MaxRetainedWAL)
+	}
 	cmd := checkpoints.Command{Version: checkpoints.Version, At: time.Now().UTC()}
 	site := a.node.Site
 	if p.role.Primary == site {

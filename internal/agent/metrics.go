@@ -28,6 +28,10 @@ type metrics struct {
 	syncRowsTotal *prometheus.GaugeVec
 	syncBytes     *prometheus.GaugeVec
 	cache         *cacheMetrics // cache.go
+
+	// retainedWALExceeded is 1 while the slot retains more WAL than
+	// capture.max_retained_wal (slotwarn.go)
+	retainedWALExceeded prometheus.Gauge
 }
 
 func newMetrics(version string) *metrics {
@@ -64,6 +68,10 @@ func newMetrics(version string) *metrics {
 			Help: "WAL the replication slot keeps on the primary (pg_current_wal_insert_lsn() - restart_lsn).",
 		}),
 	}
+	m.retainedWALExceeded = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "xdcr_slot_retained_wal_exceeded",
+		Help: "1 while the replication slot retains more WAL than capture.max_retained_wal (primary site); the agent never drops the slot.",
+	})
 	m.dropped = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "xdcr_dropped_batches_total",
 		Help: "Batches apply did not apply: an older epoch's, or not from the primary of the epoch it applies (fencing).",
@@ -91,7 +99,7 @@ func newMetrics(version string) *metrics {
 	})
 	build.Set(1)
 	r.MustRegister(m.publishedTxns, m.publishedRows, m.appliedTxns, m.appliedRows, m.applyBatch, m.errors,
-		m.retainedWAL, m.dropped, m.syncRunning, m.syncRows, m.syncRowsTotal, m.syncBytes, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		m.retainedWAL, m.retainedWALExceeded, m.dropped, m.syncRunning, m.syncRows, m.syncRowsTotal, m.syncBytes, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.cache = newCacheMetrics(r)
 	for _, k := range []string{"schema", "gap", "malformed", "slot", "permanent", "transient"} {
 		m.errors.WithLabelValues(k)

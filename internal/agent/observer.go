@@ -28,6 +28,7 @@ func (o *observer) State(state string, err error) {
 func (o *observer) Source(sp replicator.SourceProgress) {
 	o.a.setPipeline(func(p *pipelineState) { p.source = sp })
 	o.a.metrics.retainedWAL.Set(float64(sp.RetainedWALBytes))
+	o.a.checkRetainedWAL(sp.RetainedWALBytes)
 }
 
 func (o *observer) Published(txns, changes int) {

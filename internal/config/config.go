@@ -23,6 +23,10 @@ const WitnessSite = "witness"
 // written "unlimited" (or -1) in the file.
 const Unlimited time.Duration = -1
 
+// NoWALLimit as [Capture].MaxRetainedWAL turns the retained-WAL warning
+// off. It is written 0 (or "off") in the file.
+const NoWALLimit int64 = -1
+
 // Config is the cluster description every agent shares. [Parse] and [Load]
 // return it normalized (table names as "schema.table"), with defaults
 // applied and validated. A Config built in code may leave the tuning blocks
@@ -205,6 +209,12 @@ type Capture struct {
 	// StatusInterval is the standby status cadence to PostgreSQL. Default
 	// 1s; below 60s (the default wal_sender_timeout).
 	StatusInterval time.Duration
+	// MaxRetainedWAL is how much WAL the replication slot may hold back on
+	// the primary before the agent warns (a log line, the metric
+	// xdcr_slot_retained_wal_exceeded and the primary's error in
+	// /v1/status). The agent never drops the slot itself. Default 10GiB;
+	// [NoWALLimit] (0 in the file) turns the warning off.
+	MaxRetainedWAL int64
 }
 
 // Apply tunes the apply agents.
@@ -244,6 +254,7 @@ func DefaultCapture() Capture {
 		FlushInterval:  5 * time.Millisecond,
 		MaxInFlight:    256,
 		StatusInterval: time.Second,
+		MaxRetainedWAL: 10 << 30,
 	}
 }
 
@@ -276,6 +287,9 @@ func (c Capture) withDefaults() Capture {
 	}
 	if c.StatusInterval == 0 {
 		c.StatusInterval = d.StatusInterval
+	}
+	if c.MaxRetainedWAL == 0 {
+		c.MaxRetainedWAL = d.MaxRetainedWAL
 	}
 	return c
 }

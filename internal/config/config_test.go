@@ -89,7 +89,7 @@ func TestParseDesignExampleNeedsPassword(t *testing.T) {
 
 func TestDefaults(t *testing.T) {
 	c := mustParse(t, readFile(t, "testdata/design.yaml"))
-	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second}); got != want {
+	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second, MaxRetainedWAL: 10 << 30}); got != want {
 		t.Errorf("capture: got %+v, want %+v", got, want)
 	}
 	if got, want := c.Apply, (Apply{MaxBatchTxns: 1000, MaxBatchBytes: 8 << 20}); got != want {
@@ -134,7 +134,7 @@ func TestParseAllKeys(t *testing.T) {
 	if _, ok := c.Cache["public.payments"]; !ok {
 		t.Errorf("cache key payments not normalized: %q", c.Cache)
 	}
-	want := Capture{MaxBatchBytes: 512 << 10, FlushInterval: 2 * time.Millisecond, MaxInFlight: 1024, StatusInterval: 10 * time.Second}
+	want := Capture{MaxBatchBytes: 512 << 10, FlushInterval: 2 * time.Millisecond, MaxInFlight: 1024, StatusInterval: 10 * time.Second, MaxRetainedWAL: 50 << 30}
 	if c.Capture != want {
 		t.Errorf("capture: got %+v, want %+v", c.Capture, want)
 	}
@@ -460,5 +460,36 @@ func TestTLSAndNATSAuth(t *testing.T) {
 	}
 	if back := mustParse(t, out); !reflect.DeepEqual(back, c) {
 		t.Errorf("round trip lost something:\n%s", out)
+	}
+}
+
+// TestMaxRetainedWAL: the retained-WAL warning threshold defaults to
+// 10GiB, 0 and "off" turn it off, and both survive a Marshal round trip.
+func TestMaxRetainedWAL(t *testing.T) {
+	base := string(readFile(t, "testdata/design.yaml"))
+	for _, tc := range []struct {
+		yaml string
+		want int64
+	}{
+		{"", 10 << 30},
+		{"capture: {max_retained_wal: 2GiB}\n", 2 << 30},
+		{"capture: {max_retained_wal: 0}\n", NoWALLimit},
+		{"capture: {max_retained_wal: off}\n", NoWALLimit},
+	} {
+		c := mustParse(t, []byte(base+tc.yaml))
+		if c.Capture.MaxRetainedWAL != tc.want {
+			t.Errorf("%q: MaxRetainedWAL %d, want %d", tc.yaml, c.Capture.MaxRetainedWAL, tc.want)
+		}
+		out, err := c.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := Parse(out, nil)
+		if err != nil {
+			t.Fatalf("Parse(Marshal): %v\n%s", err, out)
+		}
+		if again.Capture.MaxRetainedWAL != tc.want {
+			t.Errorf("%q: after a round trip %d, want %d\n%s", tc.yaml, again.Capture.MaxRetainedWAL, tc.want, out)
+		}
 	}
 }

@@ -16,7 +16,7 @@ var (
 	tlsKeys          = []string{"ca_file", "cert_file", "key_file"}
 	nodeKeys         = []string{"site", "raft", "http"}
 	cacheTableKeys   = []string{"keys", "warm"}
-	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval"}
+	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval", "max_retained_wal"}
 	applyKeys        = []string{"max_batch_txns", "max_batch_bytes"}
 	streamKeys       = []string{"max_age", "max_bytes", "duplicate_window"}
 	invalidationKeys = []string{"max_outbox_rows"}
@@ -139,6 +139,7 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 		c.Capture.FlushInterval = d.duration(g["flush_interval"], "capture.flush_interval")
 		c.Capture.MaxInFlight = d.integer(g["max_in_flight"], "capture.max_in_flight")
 		c.Capture.StatusInterval = d.duration(g["status_interval"], "capture.status_interval")
+		c.Capture.MaxRetainedWAL = d.walLimit(g["max_retained_wal"], "capture.max_retained_wal")
 	}
 	if n := f["apply"]; n != nil {
 		g := d.fields(n, "apply", applyKeys)
@@ -394,6 +395,26 @@ func (d *decoder) durationOf(n *yaml.Node, path, s string) time.Duration {
 		}
 		d.fail(path, n.Line, d.show(path, s)+" is not a duration", fix)
 		return 0
+	}
+	return v
+}
+
+// walLimit reads a size where 0 (or "off") means no limit, stored as
+// NoWALLimit; absent is 0, the default.
+func (d *decoder) walLimit(n *yaml.Node, path string) int64 {
+	s, ok := d.scalar(n, path)
+	if !ok || s == "" {
+		return 0
+	}
+	if strings.EqualFold(s, "off") {
+		return NoWALLimit
+	}
+	v, ok := d.sizeOf(n, path, s)
+	if !ok {
+		return 0
+	}
+	if v == 0 {
+		return NoWALLimit
 	}
 	return v
 }

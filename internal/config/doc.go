@@ -73,12 +73,15 @@
 // stream.max_age, where 0 is refused because JetStream reads it as "keep for
 // ever": write "unlimited" (or -1) for that, stored as [Unlimited].
 // stream.max_bytes is unlimited by default; "unlimited" and -1 mean the same.
+// capture.max_retained_wal is a warning threshold: 0 (or "off") turns the
+// warning off, stored as [NoWALLimit].
 //
 //	key                         default  allowed
 //	capture.max_batch_bytes     1MiB     4KiB .. 8MiB (also fits NATS max_payload)
 //	capture.flush_interval      5ms      (0, 1s]
 //	capture.max_in_flight       256      1 .. 65536
 //	capture.status_interval     1s       (0, 60s)
+//	capture.max_retained_wal    10GiB    > 0, or 0 (off)
 //	apply.max_batch_txns        1000     >= 1
 //	apply.max_batch_bytes       8MiB     4KiB .. 1GiB
 //	stream.max_age              168h     > 0, or unlimited

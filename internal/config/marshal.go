@@ -93,6 +93,11 @@ func (c *Config) Marshal() ([]byte, error) {
 	addStr(capture, "flush_interval", formatDuration(cp.FlushInterval))
 	add(capture, "max_in_flight", intNode(int64(cp.MaxInFlight)))
 	addStr(capture, "status_interval", formatDuration(cp.StatusInterval))
+	if cp.MaxRetainedWAL == NoWALLimit {
+		add(capture, "max_retained_wal", intNode(0))
+	} else {
+		add(capture, "max_retained_wal", sizeNode(cp.MaxRetainedWAL))
+	}
 	add(root, "capture", capture)
 
 	ap := c.Apply.withDefaults()

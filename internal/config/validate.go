@@ -666,6 +666,10 @@ func (v *validator) tuning() {
 		v.add("capture.max_in_flight", v.show("capture.max_in_flight", strconv.Itoa(n))+" is outside 1..65536",
 			"use a number between 1 and 65536, e.g. 256")
 	}
+	if n := c.MaxRetainedWAL; n < 0 && n != NoWALLimit {
+		v.add("capture.max_retained_wal", v.show("capture.max_retained_wal", formatSize(n))+" is negative",
+			`use a size such as 10GiB, or 0 to turn the warning off`)
+	}
 	if d := c.StatusInterval; d < 0 || d >= maxStatusInterval {
 		v.add("capture.status_interval", v.show("capture.status_interval", formatDuration(d))+" is not below 60s",
 			"use a duration above 0 and well below PostgreSQL's wal_sender_timeout (60s by default), e.g. 1s")
