@@ -3,9 +3,11 @@ GO        ?= go
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X main.version=$(VERSION)
 FUZZTIME  ?= 20s
+BENCH_SCALE ?= full
+BENCH_REPS  ?= 3
 BIN       := bin/xdcr
 
-.PHONY: all build test test-short lint fuzz demo clean
+.PHONY: all build test test-short lint fuzz demo bench clean
 
 all: build
 
@@ -34,6 +36,12 @@ fuzz:
 
 demo: build
 	$(BIN) demo
+
+# xdcr against native logical replication, same machine, same run
+# (docs/performance.md). BENCH_SCALE=tiny|small|full, BENCH_REPS=N;
+# BENCH_FLAGS passes more, e.g. --profile DIR or --workload pgbench.
+bench: build
+	$(BIN) bench --scale $(BENCH_SCALE) --reps $(BENCH_REPS) --log-level warn $(BENCH_FLAGS)
 
 clean:
 	rm -rf bin

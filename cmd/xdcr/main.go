@@ -121,6 +121,7 @@ exactly once and in commit order, to the site's own PostgreSQL.`,
 	root.AddCommand(newVerifyCmd(g))
 	root.AddCommand(newConfigCmd(g))
 	root.AddCommand(newCacheCmd(g))
+	root.AddCommand(newBenchCmd(g))
 	return root
 }
 

@@ -1,0 +1,112 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// hold keeps an agent's pipeline from starting while its process runs:
+// the agent is restarted while the benchmark holds a lock its pipeline
+// takes before it reads or writes anything, so a timed catch-up starts
+// with a running agent (as native's starts with a running server) rather
+// than with a process start and a Raft rejoin.
+type hold struct {
+	conn *pgx.Conn
+	tx   pgx.Tx // the capture hold's transaction; nil for the apply hold
+}
+
+// release lets the held pipeline go on at once.
+func (h *hold) release(ctx context.Context) error {
+	if h == nil {
+		return nil
+	}
+	var err error
+	if h.tx != nil {
+		err = h.tx.Rollback(ctx)
+	} else {
+		_, err = h.conn.Exec(ctx, "SELECT pg_advisory_unlock_all()")
+	}
+	return errors.Join(err, h.conn.Close(ctx))
+}
+
+// holdCapture restarts the capture agent while the source's
+// xdcr.capture_state is locked: its capture session waits on its first
+// read of that table, before it opens the replication connection.
+func (e *env) holdCapture(ctx context.Context) (*hold, error) {
+	conn, err := pgx.Connect(ctx, e.src)
+	if err != nil {
+		return nil, err
+	}
+	tx, err := conn.Begin(ctx)
+	if err == nil {
+		_, err = tx.Exec(ctx, "LOCK TABLE xdcr.capture_state IN ACCESS EXCLUSIVE MODE")
+	}
+	h := &hold{conn: conn, tx: tx}
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("hold capture: %w", err), h.release(context.WithoutCancel(ctx)))
+	}
+	if err := e.restartBlocked(ctx, e.primary, e.src, "xdcr", "relation"); err != nil {
+		return nil, errors.Join(err, h.release(context.WithoutCancel(ctx)))
+	}
+	return h, nil
+}
+
+// holdApply restarts the apply agent while the replica's advisory lock
+// on the apply schema is held: its apply session waits before it reads
+// its position or subscribes to the stream.
+func (e *env) holdApply(ctx context.Context) (*hold, error) {
+	conn, err := pgx.Connect(ctx, e.xdst)
+	if err != nil {
+		return nil, err
+	}
+	h := &hold{conn: conn}
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtext('xdcr.apply_schema'))"); err != nil {
+		return nil, errors.Join(fmt.Errorf("hold apply: %w", err), h.release(context.WithoutCancel(ctx)))
+	}
+	if err := e.restartBlocked(ctx, e.replica, e.xdst, "xdcr-apply", "advisory"); err != nil {
+		return nil, errors.Join(err, h.release(context.WithoutCancel(ctx)))
+	}
+	return h, nil
+}
+
+// restartBlocked restarts node's agent and waits until a session of it
+// (application_name app) waits on a lock of the given kind in dsn.
+func (e *env) restartBlocked(ctx context.Context, node, dsn, app, event string) error {
+	if err := e.stopAgent(ctx, node); err != nil {
+		return err
+	}
+	if err := e.c.StartAgent(ctx, node); err != nil {
+		return err
+	}
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		var n int
+		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE application_name = $1 AND wait_event_type = 'Lock' AND wait_event = $2`, app, event).Scan(&n); err != nil {
+			return err
+		}
+		if n > 0 {
+			return nil
+		}
+		if exited, err := e.c.AgentExited(node); exited {
+			return fmt.Errorf("agent %s exited (%v); see %s", node, err, e.c.LogPath(node))
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("agent %s did not reach its held lock within 2 minutes; see %s", node, e.c.LogPath(node))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,114 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/xdcr/xdcr/transport"
+)
+
+// streamWatch follows the primary's stream, headers only, until a batch
+// holds a transaction committed after a WAL position.
+type streamWatch struct {
+	nc    *nats.Conn
+	found chan time.Time
+	errc  chan error
+	stop  func()
+}
+
+// watchStream starts watching the source site's stream for a run of
+// transactions whose last commit LSN is at or beyond after (a commit
+// record starts at or after the insert position its transaction saw). Message ids name the
+// LSNs (transport.MsgID), so the payloads need not travel.
+func (e *env) watchStream(ctx context.Context, after uint64) (*streamWatch, error) {
+	nc, err := e.sites.List[0].NATS.Connect()
+	if err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	name := transport.StreamName(clusterName, e.srcSite)
+	st, err := js.Stream(ctx, name)
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("stream %s: %w", name, err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:   info.State.LastSeq + 1,
+		HeadersOnly:   true,
+	})
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	w := &streamWatch{nc: nc, found: make(chan time.Time, 1), errc: make(chan error, 1)}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		last, ok := runLastLSN(m.Headers().Get(jetstream.MsgIDHeader))
+		if ok && last >= after {
+			select {
+			case w.found <- time.Now():
+			default:
+			}
+		}
+	}, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+		if errors.Is(err, jetstream.ErrConsumerDeleted) {
+			select {
+			case w.errc <- err:
+			default:
+			}
+		}
+	}))
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	w.stop = func() {
+		cc.Stop()
+		nc.Close()
+	}
+	return w, nil
+}
+
+// wait returns when the batch was seen.
+func (w *streamWatch) wait(ctx context.Context) (time.Time, error) {
+	defer w.stop()
+	select {
+	case t := <-w.found:
+		return t, nil
+	case err := <-w.errc:
+		return time.Time{}, err
+	case <-ctx.Done():
+		return time.Time{}, fmt.Errorf("wait for the marker in the stream: %w", ctx.Err())
+	}
+}
+
+// runLastLSN reads the last commit LSN from the id of a run of whole
+// transactions: <cluster>.<origin>.<epoch>.<first>-<last> (hex).
+func runLastLSN(id string) (uint64, bool) {
+	i := strings.LastIndexByte(id, '.')
+	if i < 0 {
+		return 0, false
+	}
+	_, last, ok := strings.Cut(id[i+1:], "-")
+	if !ok {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(last, 16, 64)
+	return v, err == nil
+}
