@@ -5,9 +5,11 @@ LDFLAGS   := -X main.version=$(VERSION)
 FUZZTIME  ?= 20s
 BENCH_SCALE ?= full
 BENCH_REPS  ?= 3
+DURATION  ?= 10m
+SEED      ?= 1
 BIN       := bin/xdcr
 
-.PHONY: all build test test-short lint fuzz demo bench clean
+.PHONY: all build test test-short lint fuzz demo bench chaos clean
 
 all: build
 
@@ -42,6 +44,12 @@ demo: build
 # BENCH_FLAGS passes more, e.g. --profile DIR or --workload pgbench.
 bench: build
 	$(BIN) bench --scale $(BENCH_SCALE) --reps $(BENCH_REPS) --log-level warn $(BENCH_FLAGS)
+
+# A long random schedule of faults against three local sites while the
+# ledger and log workloads write (docs/faults.md); prints the summary table.
+# make test runs the short schedule (every fault once).
+chaos:
+	$(GO) test -count=1 -timeout 0 -v -run '^TestChaos$$' ./internal/chaos -args -chaos.duration=$(DURATION) -chaos.seed=$(SEED)
 
 clean:
 	rm -rf bin

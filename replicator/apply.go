@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/xdcr/xdcr/replicator/change"
+	"github.com/xdcr/xdcr/transport"
 )
 
 // subscriber is what apply needs from the transport.
@@ -412,9 +413,14 @@ func (w *applier) full() bool {
 // transaction.
 func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 	if d.Err != nil {
-		return permanent(fmt.Errorf("stream %s seq %d: %w", w.stream, d.Seq, d.Err),
-			fmt.Sprintf("inspect it with `nats stream get %s %d`; if xdcr did not publish it, delete it from this site's stream "+
-				"(`nats stream rmm %s %d`); apply resumes by itself", w.stream, d.Seq, w.stream, d.Seq))
+		fix := fmt.Sprintf("inspect it with `nats stream get %s %d`; if xdcr did not publish it, delete it from this site's stream "+
+			"(`nats stream rmm %s %d`); apply resumes by itself", w.stream, d.Seq, w.stream, d.Seq)
+		if errors.Is(d.Err, transport.ErrUnsupportedVersion) {
+			// a newer agent's message: deleting it would lose a transaction
+			fix = "a newer xdcr on the primary published it: upgrade this site's agent to the primary's version (it resumes from here, " +
+				"nothing is lost); delete the message (`nats stream rmm " + fmt.Sprintf("%s %d", w.stream, d.Seq) + "`) only if xdcr did not publish it"
+		}
+		return permanent(fmt.Errorf("stream %s seq %d: %w", w.stream, d.Seq, d.Err), fix)
 	}
 	b := d.Batch
 	w.rels = make(map[*change.Relation]*target)

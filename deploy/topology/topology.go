@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"os"
@@ -507,4 +508,21 @@ func (c *Cluster) WaitConverged(ctx context.Context, tables ...string) error {
 		return fmt.Errorf("%w; last difference: %w", err, last)
 	}
 	return err
+}
+
+// Build compiles the xdcr binary into dir for the agents a Cluster runs
+// (with the race detector when race is set) and returns its path. Run it
+// from inside the module.
+func Build(ctx context.Context, dir string, race bool, out io.Writer) (string, error) {
+	bin := filepath.Join(dir, "xdcr")
+	args := []string{"build", "-o", bin}
+	if race {
+		args = append(args, "-race")
+	}
+	cmd := exec.CommandContext(ctx, "go", append(args, "github.com/xdcr/xdcr/cmd/xdcr")...)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("build xdcr: %w", err)
+	}
+	return bin, nil
 }

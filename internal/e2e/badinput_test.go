@@ -2,13 +2,13 @@ package e2e
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/xdcr/xdcr/deploy/topology"
 	"github.com/xdcr/xdcr/internal/config"
+	"github.com/xdcr/xdcr/replicator/change"
 	"github.com/xdcr/xdcr/transport"
 )
 
@@ -44,47 +44,73 @@ func TestTableWithoutPrimaryKeyRefused(t *testing.T) {
 
 const padSchema = `CREATE TABLE public.items (id int PRIMARY KEY, v text);`
 
-// TestMalformedMessagePausesApply publishes junk into the change stream:
-// apply pauses naming the stream sequence, loses nothing, and continues once
-// the junk is removed.
+// TestMalformedMessagePausesApply publishes poison into the change stream,
+// as a foreign publisher or a damaged store would: junk, a truncated
+// message, and a message of an unknown wire-format version. Each pauses
+// apply naming the stream sequence and what is wrong, loses nothing, and
+// apply continues once the operator removes it.
 func TestMalformedMessagePausesApply(t *testing.T) {
 	c := newCluster(t, clusterOpts{schema: padSchema, tables: []string{"items"}})
 	execOn(t, c, c.Config.Primary, `INSERT INTO items SELECT g, 'before' FROM generate_series(1, 10) g`)
 	converge(t, c, time.Minute)
 
-	// junk on the primary's subject, as a foreign publisher would send it
-	nc, err := nats.Connect(c.Config.Sites[c.Config.Primary].NATS)
+	good, err := transport.Encode(nil, itemsBatch(c.Config.Primary, 1, 0xFFFFFF00, 666))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
-	js := jetStream(t, c, c.Config.Primary)
-	ack, err := js.Publish(t.Context(), transport.Subject(c.Config.Cluster, c.Config.Primary), []byte("not an xdcr message"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	junk := ack.Sequence
-	execOn(t, c, c.Config.Primary, `INSERT INTO items SELECT g, 'after' FROM generate_series(11, 20) g`)
+	truncated := good[:len(good)/2]
+	version := slices.Clone(good)
+	version[4] = 2 // the version byte follows the 4-byte magic
+	rows := 10
+	for _, tc := range []struct {
+		name  string
+		data  []byte
+		parts []string
+	}{
+		{"junk", []byte("not an xdcr message"), []string{"malformed", "nats stream rmm"}},
+		{"truncated", truncated, []string{"malformed", "nats stream rmm"}},
+		{"unknown version", version, []string{"unsupported wire format version", "upgrade this site's agent"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			js := jetStream(t, c, c.Config.Primary)
+			ack, err := js.Publish(t.Context(), transport.Subject(c.Config.Cluster, c.Config.Primary), tc.data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			junk := ack.Sequence
+			execOn(t, c, c.Config.Primary, `INSERT INTO items SELECT g, 'after' FROM generate_series($1::int + 1, $1::int + 10) g`, rows)
 
-	stream := transport.StreamName(c.Config.Cluster, c.Config.Primary)
-	for _, site := range replicas(c) {
-		e := waitLog(t, c, topology.NodeID(site), "apply paused", time.Minute,
-			fmt.Sprintf("seq %d", junk), stream, "malformed", "nats stream rmm")
-		t.Logf("%s paused: %v", site, e["err"])
-		assertCount(t, c, site, "items", 10)
+			stream := transport.StreamName(c.Config.Cluster, c.Config.Primary)
+			for _, site := range replicas(c) {
+				e := waitLog(t, c, topology.NodeID(site), "apply paused", time.Minute,
+					append([]string{fmt.Sprintf("seq %d", junk), stream}, tc.parts...)...)
+				t.Logf("%s paused: %v", site, e["err"])
+				assertCount(t, c, site, "items", rows)
+			}
+			// the operator removes the poison from each replica site's stream
+			for _, site := range replicas(c) {
+				st, err := jetStream(t, c, site).Stream(t.Context(), stream)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := st.DeleteMsg(t.Context(), junk); err != nil {
+					t.Fatalf("delete seq %d from %s's stream: %v", junk, site, err)
+				}
+			}
+			rows += 10
+			converge(t, c, 2*time.Minute)
+			assertCount(t, c, replicas(c)[0], "items", rows)
+		})
 	}
-	// the operator removes the junk from each replica site's stream
-	for _, site := range replicas(c) {
-		st, err := jetStream(t, c, site).Stream(t.Context(), stream)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := st.DeleteMsg(t.Context(), junk); err != nil {
-			t.Fatalf("delete seq %d from %s's stream: %v", junk, site, err)
-		}
-	}
-	converge(t, c, 2*time.Minute)
-	assertCount(t, c, replicas(c)[0], "items", 20)
+}
+
+// itemsBatch is a well-formed batch from origin in epoch inserting id
+// into items.
+func itemsBatch(origin string, epoch uint64, lsn uint64, id int) *change.Batch {
+	rel := &change.Relation{Schema: "public", Name: "items", Identity: change.IdentityDefault,
+		Columns: []change.Column{{Name: "id", Type: "integer", TypeOID: 23, Key: true}, {Name: "v", Type: "text", TypeOID: 25}}}
+	return &change.Batch{Origin: origin, Epoch: epoch, Txns: []change.Txn{{Xid: 1, LSN: change.LSN(lsn), CommitTime: time.Now().UTC().Truncate(time.Microsecond),
+		Changes: []change.Change{{Op: change.Insert, Rel: rel, New: []change.Value{{Kind: change.Text, Data: []byte(fmt.Sprint(id))}, {Kind: change.Text, Data: []byte("poison")}}}}}}}
 }
 
 // TestMissingTableAndColumnPauseApply: a table the replica lacks, then a

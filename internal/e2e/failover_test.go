@@ -384,32 +384,37 @@ func TestConcurrentPromotes(t *testing.T) {
 	converge(t, c, time.Minute)
 }
 
-// TestStaleEpochDropped: a message of an older epoch injected into the
-// current primary's stream is dropped by every replica and counted.
+// TestStaleEpochDropped: messages injected into the current primary's
+// stream that are of an older epoch, or of the current epoch but from
+// another site than its primary, are dropped by every replica and counted.
 func TestStaleEpochDropped(t *testing.T) {
 	c := newCluster(t, clusterOpts{schema: padSchema, tables: []string{"items"}})
+	old := c.Config.Primary
 	target := replicas(c)[0]
 	if out, code := xdcrCmd(t, 3*time.Minute, "promote", target, "--config", c.ConfigPath, "--yes"); code != 0 {
 		t.Fatalf("promote exited %d:\n%s", code, out)
 	}
 	c.Config.Primary = target
-	rel := &change.Relation{Schema: "public", Name: "items", Identity: change.IdentityDefault,
-		Columns: []change.Column{{Name: "id", Type: "integer", TypeOID: 23, Key: true}, {Name: "v", Type: "text", TypeOID: 25}}}
-	stale := &change.Batch{Origin: target, Epoch: 1, Txns: []change.Txn{{Xid: 1, LSN: 0xFFFFFF00, CommitTime: time.Now().UTC().Truncate(time.Microsecond),
-		Changes: []change.Change{{Op: change.Insert, Rel: rel, New: []change.Value{{Kind: change.Text, Data: []byte("666")}, {Kind: change.Text, Data: []byte("stale")}}}}}}}
-	data, err := transport.Encode(nil, stale)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := jetStream(t, c, target).Publish(t.Context(), transport.Subject(c.Config.Cluster, target), data); err != nil {
-		t.Fatal(err)
+	_, epoch := currentPrimary(t, c)
+	js := jetStream(t, c, target)
+	for _, b := range []*change.Batch{
+		itemsBatch(target, 1, 0xFFFFFF00, 666),  // an older epoch
+		itemsBatch(old, epoch, 0xFFFFFF00, 667), // the current epoch, the wrong origin
+	} {
+		data, err := transport.Encode(nil, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.Publish(t.Context(), transport.Subject(c.Config.Cluster, target), data); err != nil {
+			t.Fatal(err)
+		}
 	}
 	execOn(t, c, target, `INSERT INTO items VALUES (1, 'fresh')`)
 	converge(t, c, time.Minute)
 	for _, site := range replicas(c) {
 		assertCount(t, c, site, "items", 1)
-		eventually(t, 30*time.Second, "the drop counted on "+site, func() error {
-			if v := metricValue(t, c.HTTPAddr(topology.NodeID(site)), "xdcr_dropped_batches_total"); v < 1 {
+		eventually(t, 30*time.Second, "both drops counted on "+site, func() error {
+			if v := metricValue(t, c.HTTPAddr(topology.NodeID(site)), "xdcr_dropped_batches_total"); v < 2 {
 				return fmt.Errorf("xdcr_dropped_batches_total = %v", v)
 			}
 			return nil

@@ -6,12 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/xdcr/xdcr/deploy/local"
+	"github.com/xdcr/xdcr/deploy/topology"
 )
 
 // env is shared by the tests of this package: three sites, started once.
@@ -39,16 +39,10 @@ func run(m *testing.M) int {
 
 	// The agents run as processes of the real binary, built with the race
 	// detector unless XDCR_E2E_RACE=off.
-	env.binary = filepath.Join(dir, "xdcr")
-	args := []string{"build", "-o", env.binary}
-	if os.Getenv("XDCR_E2E_RACE") != "off" {
-		args = append(args, "-race")
-	}
-	build := exec.Command("go", append(args, "github.com/xdcr/xdcr/cmd/xdcr")...)
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	start := time.Now()
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: build xdcr:", err)
+	env.binary, err = topology.Build(context.Background(), dir, os.Getenv("XDCR_E2E_RACE") != "off", os.Stderr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
 	fmt.Printf("e2e: built %s in %s\n", env.binary, time.Since(start).Round(time.Millisecond))

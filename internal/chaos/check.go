@@ -1,0 +1,340 @@
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Findings are what the checkers found wrong; the zero value is a pass.
+type Findings struct {
+	Lost             int // acknowledged transactions a site does not hold
+	Duplicated       int // effects a site holds more often than clients caused them, or that clients never caused
+	PrefixViolations int // samples or final states where a client's log was not a gap-free prefix 1..n, or went back
+	Problems         []string
+}
+
+// maxProblems bounds how many descriptions Findings keeps.
+const maxProblems = 20
+
+func (f *Findings) add(counter *int, format string, args ...any) {
+	*counter++
+	if len(f.Problems) < maxProblems {
+		f.Problems = append(f.Problems, fmt.Sprintf(format, args...))
+	}
+}
+
+// Merge adds o's counts and problems to f.
+func (f *Findings) Merge(o Findings) {
+	f.Lost += o.Lost
+	f.Duplicated += o.Duplicated
+	f.PrefixViolations += o.PrefixViolations
+	for _, p := range o.Problems {
+		if len(f.Problems) < maxProblems {
+			f.Problems = append(f.Problems, p)
+		}
+	}
+}
+
+// OK reports whether nothing was found.
+func (f Findings) OK() bool { return f.Lost == 0 && f.Duplicated == 0 && f.PrefixViolations == 0 }
+
+// CheckSite checks one site's copy of the workloads' tables against the
+// history, once writes have stopped and the site has converged:
+//
+//   - every acknowledged transfer is there; none that was refused, or never
+//     sent, is;
+//   - the balances add up to Accounts*Opening, and each account's balance
+//     is its opening plus the transfers into it minus those out of it;
+//   - each client's log is exactly 1..n with n at least its acknowledged
+//     prefix and at most one row beyond it (a last row in doubt).
+func CheckSite(ctx context.Context, site, dsn string, h *History) (Findings, error) {
+	var f Findings
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	sent, events, pending := h.snapshot()
+
+	// transfers
+	rows, err := tx.Query(ctx, `SELECT id, src, dst, amount FROM public.transfers`)
+	if err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	held := map[string]bool{}
+	want := make([]int64, Accounts+1)
+	for i := 1; i <= Accounts; i++ {
+		want[i] = Opening
+	}
+	for rows.Next() {
+		var id string
+		var src, dst int
+		var amount int64
+		if err := rows.Scan(&id, &src, &dst, &amount); err != nil {
+			rows.Close()
+			return f, fmt.Errorf("check %s: %w", site, err)
+		}
+		held[id] = true
+		if src >= 1 && src <= Accounts && dst >= 1 && dst <= Accounts {
+			want[src] -= amount
+			want[dst] += amount
+		}
+		t, ok := sent[id]
+		switch {
+		case !ok:
+			f.add(&f.Duplicated, "%s: transfer %s is there but no client sent it", site, id)
+		case t.Outcome == Refused:
+			f.add(&f.Duplicated, "%s: transfer %s is there but its client was told it failed", site, id)
+		case t.Src != src || t.Dst != dst || t.Amount != amount:
+			f.add(&f.Duplicated, "%s: transfer %s reads %d->%d %d, its client sent %d->%d %d", site, id, src, dst, amount, t.Src, t.Dst, t.Amount)
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	for _, id := range slices.Sorted(maps.Keys(sent)) {
+		if sent[id].Outcome == Acked && !held[id] {
+			f.add(&f.Lost, "%s: acknowledged transfer %s is missing", site, id)
+		}
+	}
+
+	// balances
+	rows, err = tx.Query(ctx, `SELECT id, balance FROM public.accounts ORDER BY id`)
+	if err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	var total int64
+	seen := 0
+	for rows.Next() {
+		var id int
+		var balance int64
+		if err := rows.Scan(&id, &balance); err != nil {
+			rows.Close()
+			return f, fmt.Errorf("check %s: %w", site, err)
+		}
+		seen++
+		total += balance
+		if id >= 1 && id <= Accounts && balance != want[id] {
+			// an update applied twice, or one lost: count it as doubled
+			// when the balance moved more than its transfers say
+			f.add(&f.Duplicated, "%s: account %d holds %d, its transfers there make it %d", site, id, balance, want[id])
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	if seen != Accounts {
+		f.add(&f.Lost, "%s: %d accounts, want %d", site, seen, Accounts)
+	}
+	if total != Accounts*Opening {
+		f.add(&f.Duplicated, "%s: balances add up to %d, want %d", site, total, Accounts*Opening)
+	}
+
+	// log
+	logs, err := readLogs(ctx, tx)
+	if err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	logHeld, err := heldBelow(ctx, tx, events)
+	if err != nil {
+		return f, fmt.Errorf("check %s: %w", site, err)
+	}
+	clients := map[int]bool{}
+	for c := range events {
+		clients[c] = true
+	}
+	for c := range logs {
+		clients[c] = true
+	}
+	for _, c := range slices.Sorted(maps.Keys(clients)) {
+		l, acked := logs[c], events[c]
+		if !l.prefix() {
+			f.add(&f.PrefixViolations, "%s: client %d's log has %d rows from %d to %d: not 1..n", site, c, l.count, l.min, l.max)
+		}
+		if missing := acked - logHeld[c]; missing > 0 {
+			f.add(&f.Lost, "%s: %d of client %d's %d acknowledged log rows are missing", site, missing, c, acked)
+		}
+		limit := acked
+		if pending[c] {
+			limit++
+		}
+		if l.max > limit {
+			f.add(&f.Duplicated, "%s: client %d's log reaches %d, only %d were sent with an answer or in doubt", site, c, l.max, limit)
+		}
+	}
+	return f, nil
+}
+
+// heldBelow counts, for each client, its log rows up to its acknowledged
+// sequence number.
+func heldBelow(ctx context.Context, q querier, acked map[int]int64) (map[int]int64, error) {
+	clients := make([]int32, 0, len(acked))
+	upto := make([]int64, 0, len(acked))
+	for c, n := range acked {
+		clients = append(clients, int32(c))
+		upto = append(upto, n)
+	}
+	rows, err := q.Query(ctx, `SELECT a.client, count(e.seq) FROM unnest($1::int[], $2::bigint[]) AS a(client, upto)
+		LEFT JOIN public.events e ON e.client = a.client AND e.seq <= a.upto GROUP BY a.client`, clients, upto)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[int]int64{}
+	for rows.Next() {
+		var c int
+		var n int64
+		if err := rows.Scan(&c, &n); err != nil {
+			return nil, err
+		}
+		out[c] = n
+	}
+	return out, rows.Err()
+}
+
+// clientLog is one client's rows in a site's log.
+type clientLog struct{ count, min, max int64 }
+
+func (l clientLog) prefix() bool { return l.count == 0 || (l.min == 1 && l.max == l.count) }
+
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+func readLogs(ctx context.Context, q querier) (map[int]clientLog, error) {
+	rows, err := q.Query(ctx, `SELECT client, count(*), min(seq), max(seq) FROM public.events GROUP BY client`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[int]clientLog{}
+	for rows.Next() {
+		var c int
+		var l clientLog
+		if err := rows.Scan(&c, &l.count, &l.min, &l.max); err != nil {
+			return nil, err
+		}
+		out[c] = l
+	}
+	return out, rows.Err()
+}
+
+// Target is a site the sampler reads, and whether it is a replica now.
+type Target struct {
+	Site, DSN string
+}
+
+// Sampler checks consistent prefix on replicas while faults are active:
+// every Interval it reads each client's log on every replica in one
+// statement (one snapshot) and records a violation when a client's rows
+// are not 1..n, or n is lower than it was at an earlier sample of the
+// same site.
+type Sampler struct {
+	Replicas func(ctx context.Context) []Target
+	Interval time.Duration
+
+	mu       sync.Mutex
+	f        Findings
+	samples  int
+	failures int
+	high     map[string]map[int]int64 // site -> client -> highest n seen
+}
+
+// Run samples until ctx ends.
+func (s *Sampler) Run(ctx context.Context) {
+	conns := map[string]*pgx.Conn{}
+	defer func() {
+		for _, c := range conns {
+			_ = c.Close(context.Background())
+		}
+	}()
+	t := time.NewTicker(s.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, r := range s.Replicas(ctx) {
+			conn := conns[r.Site]
+			if conn == nil {
+				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				c, err := pgx.Connect(cctx, r.DSN)
+				cancel()
+				if err != nil {
+					s.count(false)
+					continue
+				}
+				conns[r.Site], conn = c, c
+			}
+			qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			logs, err := readLogs(qctx, conn)
+			cancel()
+			if err != nil {
+				_ = conn.Close(context.Background())
+				delete(conns, r.Site)
+				s.count(false)
+				continue
+			}
+			s.Observe(r.Site, logs)
+		}
+	}
+}
+
+func (s *Sampler) count(ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ok {
+		s.samples++
+	} else {
+		s.failures++
+	}
+}
+
+// Observe checks one sample of site's logs.
+func (s *Sampler) Observe(site string, logs map[int]clientLog) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.samples++
+	if s.high == nil {
+		s.high = map[string]map[int]int64{}
+	}
+	if s.high[site] == nil {
+		s.high[site] = map[int]int64{}
+	}
+	for _, c := range slices.Sorted(maps.Keys(logs)) {
+		l := logs[c]
+		if !l.prefix() {
+			s.f.add(&s.f.PrefixViolations, "%s at %s: client %d's log has %d rows from %d to %d: a gap", site, time.Now().Format("15:04:05.000"), c, l.count, l.min, l.max)
+		}
+		if h := s.high[site][c]; l.max < h {
+			s.f.add(&s.f.PrefixViolations, "%s at %s: client %d's log went back from %d to %d rows", site, time.Now().Format("15:04:05.000"), c, h, l.max)
+		} else {
+			s.high[site][c] = l.max
+		}
+	}
+}
+
+// Result returns the findings so far, and how many samples were taken and
+// failed (a site down).
+func (s *Sampler) Result() (Findings, int, int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f := s.f
+	f.Problems = slices.Clone(f.Problems)
+	return f, s.samples, s.failures
+}

@@ -1,0 +1,241 @@
+package chaos
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/xdcr/xdcr/deploy/faults"
+	"github.com/xdcr/xdcr/deploy/local"
+	"github.com/xdcr/xdcr/deploy/topology"
+	"github.com/xdcr/xdcr/internal/api"
+)
+
+// Env is the cluster the nemeses act on: sites whose leaf links run
+// through WAN, and a cluster of agents whose Raft and HTTP traffic between
+// sites does too.
+type Env struct {
+	Sites   *local.Sites
+	Cluster *topology.Cluster
+	WAN     *faults.WAN
+}
+
+// Status returns the cluster's checkpoints as the first node that answers
+// sees them.
+func (e *Env) Status(ctx context.Context) (string, uint64, string, error) {
+	client := api.NewClient(2*time.Second, "")
+	var errs []error
+	for _, n := range e.Cluster.Nodes() {
+		st, err := client.Status(ctx, e.Cluster.HTTPAddr(n), false)
+		if err == nil && st.Primary != "" {
+			return st.Primary, st.Epoch, st.Leader, nil
+		}
+		errs = append(errs, err)
+	}
+	return "", 0, "", fmt.Errorf("no node answered with the cluster's state: %w", errors.Join(errs...))
+}
+
+// Primary returns the primary site and its database.
+func (e *Env) Primary(ctx context.Context) (string, string, error) {
+	p, _, _, err := e.Status(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	return p, e.Cluster.DSN(p), nil
+}
+
+// Replicas returns every data site but the primary.
+func (e *Env) Replicas(ctx context.Context) []Target {
+	p, _, _, err := e.Status(ctx)
+	if err != nil {
+		return nil
+	}
+	var out []Target
+	for _, s := range e.Cluster.Config.SiteNames() {
+		if s != p {
+			out = append(out, Target{Site: s, DSN: e.Cluster.DSN(s)})
+		}
+	}
+	return out
+}
+
+func (e *Env) site(name string) *local.Site { return e.Sites.Site(name) }
+
+// A Nemesis injects one kind of fault. Inject starts it and returns what
+// it did and the function that heals it.
+type Nemesis struct {
+	Name   string
+	Inject func(ctx context.Context, e *Env, rng *rand.Rand) (what string, heal func(context.Context) error, err error)
+}
+
+// Nemeses returns every nemesis. partition is how long a replica site is
+// cut off.
+func Nemeses() []Nemesis {
+	return []Nemesis{
+		{"kill-capture", killAgent(func(ctx context.Context, e *Env, _ *rand.Rand) (string, error) {
+			p, _, err := e.Primary(ctx)
+			return p, err
+		})},
+		{"kill-apply", killAgent(randomReplica)},
+		{"pause-capture", pauseCapture},
+		{"restart-primary-pg-fast", restartPostgres(primarySite, local.StopFast)},
+		{"restart-primary-pg-immediate", restartPostgres(primarySite, local.StopImmediate)},
+		{"restart-replica-pg", restartPostgres(randomReplica, local.StopImmediate)},
+		{"restart-nats", restartNATS},
+		{"partition-replica", partitionReplica},
+		{"kill-raft-leader", killLeader},
+	}
+}
+
+// Hold is how long a fault lasts before it is healed; Partition how long
+// a replica site stays cut off; LeaseHold how long the capture agent stays
+// stopped (longer than the source lease and Raft's failure detection).
+var (
+	hold      = 3 * time.Second
+	partition = 10 * time.Second
+	leaseHold = 10 * time.Second
+)
+
+// SetHolds sets how long faults last: most of them hold, a partition
+// partitionFor.
+func SetHolds(holdFor, partitionFor time.Duration) { hold, partition = holdFor, partitionFor }
+
+func primarySite(ctx context.Context, e *Env, _ *rand.Rand) (string, error) {
+	p, _, err := e.Primary(ctx)
+	return p, err
+}
+
+func randomReplica(ctx context.Context, e *Env, rng *rand.Rand) (string, error) {
+	rs := e.Replicas(ctx)
+	if len(rs) == 0 {
+		return "", errors.New("no replica site known")
+	}
+	return rs[rng.IntN(len(rs))].Site, nil
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// killAgent kill -9s the agent of the site pick chooses and starts it
+// again after hold.
+func killAgent(pick func(context.Context, *Env, *rand.Rand) (string, error)) func(context.Context, *Env, *rand.Rand) (string, func(context.Context) error, error) {
+	return func(ctx context.Context, e *Env, rng *rand.Rand) (string, func(context.Context) error, error) {
+		site, err := pick(ctx, e, rng)
+		if err != nil {
+			return "", nil, err
+		}
+		node := topology.NodeID(site)
+		if err := e.Cluster.KillAgent(node); err != nil {
+			return "", nil, err
+		}
+		return "kill -9 agent " + node, func(ctx context.Context) error {
+			if err := sleep(ctx, hold); err != nil {
+				return err
+			}
+			return e.Cluster.StartAgent(ctx, node)
+		}, nil
+	}
+}
+
+// killLeader kill -9s the Raft leader's agent.
+func killLeader(ctx context.Context, e *Env, _ *rand.Rand) (string, func(context.Context) error, error) {
+	_, _, leader, err := e.Status(ctx)
+	if err != nil {
+		return "", nil, err
+	}
+	if leader == "" {
+		return "", nil, errors.New("no Raft leader known")
+	}
+	if err := e.Cluster.KillAgent(leader); err != nil {
+		return "", nil, err
+	}
+	return "kill -9 Raft leader " + leader, func(ctx context.Context) error {
+		if err := sleep(ctx, hold); err != nil {
+			return err
+		}
+		return e.Cluster.StartAgent(ctx, leader)
+	}, nil
+}
+
+// pauseCapture stops the primary's agent with SIGSTOP for longer than its
+// lease, then lets it go on.
+func pauseCapture(ctx context.Context, e *Env, _ *rand.Rand) (string, func(context.Context) error, error) {
+	p, _, err := e.Primary(ctx)
+	if err != nil {
+		return "", nil, err
+	}
+	node := topology.NodeID(p)
+	pid := e.Cluster.AgentPID(node)
+	if pid == 0 {
+		return "", nil, fmt.Errorf("agent %s is not running", node)
+	}
+	if err := faults.Pause(pid); err != nil {
+		return "", nil, err
+	}
+	return fmt.Sprintf("SIGSTOP agent %s for %s", node, leaseHold), func(ctx context.Context) error {
+		serr := sleep(ctx, leaseHold)
+		if err := faults.Resume(pid); err != nil {
+			return err
+		}
+		return serr
+	}, nil
+}
+
+// restartPostgres stops the database of the site pick chooses in mode and
+// starts it again after hold.
+func restartPostgres(pick func(context.Context, *Env, *rand.Rand) (string, error), mode local.StopMode) func(context.Context, *Env, *rand.Rand) (string, func(context.Context) error, error) {
+	return func(ctx context.Context, e *Env, rng *rand.Rand) (string, func(context.Context) error, error) {
+		site, err := pick(ctx, e, rng)
+		if err != nil {
+			return "", nil, err
+		}
+		pg := e.site(site).Postgres
+		if err := pg.Stop(ctx, mode); err != nil {
+			return "", nil, fmt.Errorf("stop %s's PostgreSQL (%s): %w", site, mode, err)
+		}
+		return fmt.Sprintf("stop %s's PostgreSQL (%s)", site, mode), func(ctx context.Context) error {
+			if err := sleep(ctx, hold); err != nil {
+				return err
+			}
+			return pg.Start(ctx)
+		}, nil
+	}
+}
+
+// restartNATS stops a random site's NATS server, store kept, and starts it
+// again after hold.
+func restartNATS(ctx context.Context, e *Env, rng *rand.Rand) (string, func(context.Context) error, error) {
+	sites := e.Cluster.Config.SiteNames()
+	site := sites[rng.IntN(len(sites))]
+	n := e.site(site).NATS
+	n.Stop()
+	return "stop " + site + "'s NATS server", func(ctx context.Context) error {
+		if err := sleep(ctx, hold); err != nil {
+			return err
+		}
+		return n.Start(ctx)
+	}, nil
+}
+
+// partitionReplica cuts a replica site off from every other site (leaf,
+// Raft and HTTP links) for the partition time.
+func partitionReplica(ctx context.Context, e *Env, rng *rand.Rand) (string, func(context.Context) error, error) {
+	site, err := randomReplica(ctx, e, rng)
+	if err != nil {
+		return "", nil, err
+	}
+	e.WAN.Isolate(site)
+	return fmt.Sprintf("cut %s off for %s", site, partition), func(ctx context.Context) error {
+		serr := sleep(ctx, partition)
+		e.WAN.Heal()
+		return serr
+	}, nil
+}
