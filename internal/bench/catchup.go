@@ -140,6 +140,9 @@ func (e *env) pgbenchCatchup(ctx context.Context, r int, nativeFirst bool) (pgbe
 	if err := e.checkpoint(ctx); err != nil {
 		return pgbenchRep{}, err
 	}
+	if err := e.armCapture(ctx, h); err != nil {
+		return pgbenchRep{}, err
+	}
 	profile := ""
 	if e.o.ProfileDir != "" && r == 0 {
 		profile = "pgbench"
@@ -225,6 +228,9 @@ func (e *env) bulkCatchup(ctx context.Context, r int, nativeFirst bool) error {
 	}
 	e.progress("  backlog: %s rows in %.1fs, %s of WAL", humanize.Comma(int64(rows)), time.Since(t0).Seconds(), humanize.IBytes(end-start))
 	if err := e.checkpoint(ctx); err != nil {
+		return err
+	}
+	if err := e.armCapture(ctx, h); err != nil {
 		return err
 	}
 	profile := ""
@@ -321,6 +327,9 @@ func (e *env) captureOnly(ctx context.Context, r int, nativeRate float64) error 
 	if err := e.checkpoint(ctx); err != nil {
 		return err
 	}
+	if err := e.armCapture(ctx, hc); err != nil {
+		return err
+	}
 	wctx, cancel := context.WithTimeout(ctx, e.sc.Timeout)
 	defer cancel()
 	w, err := e.watchStream(wctx, before)
@@ -386,6 +395,9 @@ func (e *env) memory(ctx context.Context, walPerTxn float64) error {
 		return err
 	}
 	if err := e.checkpoint(ctx); err != nil {
+		return err
+	}
+	if err := e.armCapture(ctx, h); err != nil {
 		return err
 	}
 	x, err := e.catchupXDCR(ctx, id, h, "")

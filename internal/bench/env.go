@@ -19,6 +19,7 @@ import (
 	"github.com/xdcr/xdcr/deploy/local"
 	"github.com/xdcr/xdcr/deploy/topology"
 	"github.com/xdcr/xdcr/internal/config"
+	"github.com/xdcr/xdcr/replicator/change"
 )
 
 // Names of what the benchmark creates.
@@ -423,19 +424,8 @@ func firstLine(s string) string {
 
 // parseLSN parses PostgreSQL's X/Y form.
 func parseLSN(s string) (uint64, error) {
-	hi, lo, ok := strings.Cut(s, "/")
-	if !ok {
-		return 0, fmt.Errorf("parse lsn %q", s)
-	}
-	h, err := strconv.ParseUint(hi, 16, 32)
-	if err != nil {
-		return 0, fmt.Errorf("parse lsn %q: %w", s, err)
-	}
-	l, err := strconv.ParseUint(lo, 16, 32)
-	if err != nil {
-		return 0, fmt.Errorf("parse lsn %q: %w", s, err)
-	}
-	return h<<32 | l, nil
+	l, err := change.ParseLSN(s)
+	return uint64(l), err
 }
 
 // currentLSN returns the source's WAL insert position.

@@ -21,7 +21,7 @@ type hold struct {
 
 // release lets the held pipeline go on at once.
 func (h *hold) release(ctx context.Context) error {
-	if h == nil {
+	if h == nil || h.conn == nil {
 		return nil
 	}
 	var err error
@@ -30,29 +30,40 @@ func (h *hold) release(ctx context.Context) error {
 	} else {
 		_, err = h.conn.Exec(ctx, "SELECT pg_advisory_unlock_all()")
 	}
-	return errors.Join(err, h.conn.Close(ctx))
+	err = errors.Join(err, h.conn.Close(ctx))
+	h.conn, h.tx = nil, nil
+	return err
 }
 
-// holdCapture restarts the capture agent while the source's
+// holdCapture stops the capture agent while a backlog is built; arm
+// restarts it held. The agent is not restarted at once: its held session
+// waits with a snapshot open, which would keep the source from pruning
+// dead rows while the backlog is written (pgbench then slows to a crawl
+// and leaves bloated tables to both systems).
+func (e *env) holdCapture(ctx context.Context) (*hold, error) {
+	if err := e.stopAgent(ctx, e.primary); err != nil {
+		return nil, err
+	}
+	return &hold{}, nil
+}
+
+// armCapture restarts the capture agent while the source's
 // xdcr.capture_state is locked: its capture session waits on its first
 // read of that table, before it opens the replication connection.
-func (e *env) holdCapture(ctx context.Context) (*hold, error) {
+func (e *env) armCapture(ctx context.Context, h *hold) error {
 	conn, err := pgx.Connect(ctx, e.src)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	tx, err := conn.Begin(ctx)
 	if err == nil {
 		_, err = tx.Exec(ctx, "LOCK TABLE xdcr.capture_state IN ACCESS EXCLUSIVE MODE")
 	}
-	h := &hold{conn: conn, tx: tx}
+	h.conn, h.tx = conn, tx
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("hold capture: %w", err), h.release(context.WithoutCancel(ctx)))
+		return fmt.Errorf("hold capture: %w", err)
 	}
-	if err := e.restartBlocked(ctx, e.primary, e.src, "xdcr", "relation"); err != nil {
-		return nil, errors.Join(err, h.release(context.WithoutCancel(ctx)))
-	}
-	return h, nil
+	return e.restartBlocked(ctx, e.primary, e.src, "xdcr", "relation")
 }
 
 // holdApply restarts the apply agent while the replica's advisory lock
