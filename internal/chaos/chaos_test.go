@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"sync/atomic"
@@ -43,53 +42,33 @@ func run(m *testing.M) int {
 		fmt.Println("chaos: skipped (-short)")
 		return m.Run()
 	}
-	dir, err := os.MkdirTemp("", "xdcr-chaos-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
 	start := time.Now()
+	env.wan = faults.NewWAN(nil)
+	defer env.wan.Close()
 	// without the race detector unless XDCR_CHAOS_RACE=on: the schedule
 	// is about timing, and the e2e suite runs the agents with it
-	env.binary, err = topology.Build(context.Background(), dir, os.Getenv("XDCR_CHAOS_RACE") == "on", os.Stderr)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "chaos:", err)
-		return 1
-	}
-	logf, err := os.Create(filepath.Join(dir, "sites.log"))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer logf.Close()
-	log := slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	env.wan = faults.NewWAN(log)
-	defer env.wan.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	env.sites, err = local.StartSites(ctx, local.SitesConfig{
-		Names:  local.SiteNames(3),
-		Dir:    filepath.Join(dir, "sites"),
-		Logger: log,
-		WAN:    env.wan,
+	bed, err := topology.StartBed(context.Background(), topology.BedOptions{
+		Race:     os.Getenv("XDCR_CHAOS_RACE") == "on",
+		WAN:      env.wan,
+		LogLevel: slog.LevelInfo,
 		PostgresSettings: map[string]string{
 			// The faults are of processes and links, not of the machine,
 			// so the OS keeps what PostgreSQL wrote without an fsync. A
 			// commit must still be written before it is acknowledged: with
 			// synchronous_commit off a killed server forgets commits its
-			// clients (and apply) were told about.
+			// clients (and apply) were told about (docs/faults.md).
 			"fsync":              "off",
 			"synchronous_commit": "on",
 			"max_connections":    "200",
 		},
 	})
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "chaos: start sites:", err)
+		fmt.Fprintln(os.Stderr, "chaos:", err)
 		return 1
 	}
-	defer env.sites.Close()
-	fmt.Printf("chaos: binary and sites ready in %s\n", time.Since(start).Round(time.Millisecond))
+	defer bed.Close()
+	env.binary, env.sites = bed.Binary, bed.Sites
+	fmt.Printf("chaos: binary built and sites up in %s\n", time.Since(start).Round(time.Millisecond))
 	return m.Run()
 }
 

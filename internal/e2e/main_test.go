@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -30,35 +29,12 @@ func run(m *testing.M) int {
 		fmt.Println("e2e: skipped (-short)")
 		return m.Run()
 	}
-	dir, err := os.MkdirTemp("", "xdcr-e2e-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-
+	start := time.Now()
 	// The agents run as processes of the real binary, built with the race
 	// detector unless XDCR_E2E_RACE=off.
-	start := time.Now()
-	env.binary, err = topology.Build(context.Background(), dir, os.Getenv("XDCR_E2E_RACE") != "off", os.Stderr)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2e:", err)
-		return 1
-	}
-	fmt.Printf("e2e: built %s in %s\n", env.binary, time.Since(start).Round(time.Millisecond))
-
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	logf, err := os.Create(filepath.Join(dir, "sites.log"))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer logf.Close()
-	env.sites, err = local.StartSites(ctx, local.SitesConfig{
-		Names:  local.SiteNames(3),
-		Dir:    filepath.Join(dir, "sites"),
-		Logger: slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	bed, err := topology.StartBed(context.Background(), topology.BedOptions{
+		Race:     os.Getenv("XDCR_E2E_RACE") != "off",
+		LogLevel: slog.LevelWarn,
 		PostgresSettings: map[string]string{
 			// the tests exercise crashes of processes, not of the machine
 			"fsync":              "off",
@@ -67,10 +43,11 @@ func run(m *testing.M) int {
 		},
 	})
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: start sites:", err)
+		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
-	defer env.sites.Close()
-	fmt.Printf("e2e: sites up in %s\n", time.Since(start).Round(time.Millisecond))
+	defer bed.Close()
+	env.binary, env.sites = bed.Binary, bed.Sites
+	fmt.Printf("e2e: binary built and sites up in %s\n", time.Since(start).Round(time.Millisecond))
 	return m.Run()
 }
