@@ -124,7 +124,7 @@ func Scales() map[string]Scale {
 			Name: "full", PgbenchScale: 10, Clients: 4, TxnsPerClient: 50_000,
 			BulkRows: 1_000_000, BulkTxns: 10,
 			Rates: []int{500, 1500}, Duration: 60 * time.Second, Warmup: 5 * time.Second,
-			MemoryWAL: 1 << 30, SyncBytes: 2 << 30, SharedBuffers: "1GB", Timeout: 15 * time.Minute, ProfileSeconds: 20,
+			MemoryWAL: 1 << 30, SyncBytes: 2 << 30, SharedBuffers: "1GB", Timeout: 45 * time.Minute, ProfileSeconds: 20,
 		},
 	}
 }
