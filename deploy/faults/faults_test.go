@@ -54,6 +54,19 @@ func dial(t *testing.T, addr string) net.Conn {
 	return c
 }
 
+// carries reports whether a new connection to addr carries a line there
+// and back. Through a cut link the connection may be reset while it is
+// being made, or right after: both are refusals.
+func carries(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	_, err = roundTrip(c, "probe", 2*time.Second)
+	return err == nil
+}
+
 // roundTrip sends a line and reads it back within timeout.
 func roundTrip(c net.Conn, line string, timeout time.Duration) (string, error) {
 	_ = c.SetDeadline(time.Now().Add(timeout))
@@ -77,8 +90,7 @@ func TestProxyCutAndRestore(t *testing.T) {
 		t.Fatal("an open connection survived the cut")
 	}
 	// ...and new ones are refused (accepted, then closed at once)
-	c2 := dial(t, p.Addr())
-	if _, err := roundTrip(c2, "new", 2*time.Second); err == nil {
+	if carries(p.Addr()) {
 		t.Fatal("a new connection went through a cut link")
 	}
 	if _, refused := p.Stats(); refused == 0 {
@@ -164,7 +176,7 @@ func TestWANPartition(t *testing.T) {
 	if got, err := roundTrip(dial(t, ac.Addr()), "ok", 2*time.Second); err != nil || got != "ok" {
 		t.Errorf("a->c during the partition of b: %q, %v", got, err)
 	}
-	if _, err := roundTrip(dial(t, ab.Addr()), "no", 2*time.Second); err == nil {
+	if carries(ab.Addr()) {
 		t.Error("a->b went through during the partition of b")
 	}
 	if n := len(w.Of("c")); n != 3 {
