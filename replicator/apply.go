@@ -417,8 +417,8 @@ func (w *applier) add(ctx context.Context, d *change.Delivery) error {
 			"(`nats stream rmm %s %d`); apply resumes by itself", w.stream, d.Seq, w.stream, d.Seq)
 		if errors.Is(d.Err, transport.ErrUnsupportedVersion) {
 			// a newer agent's message: deleting it would lose a transaction
-			fix = "a newer xdcr on the primary published it: upgrade this site's agent to the primary's version (it resumes from here, " +
-				"nothing is lost); delete the message (`nats stream rmm " + fmt.Sprintf("%s %d", w.stream, d.Seq) + "`) only if xdcr did not publish it"
+			fix = fmt.Sprintf("a newer xdcr on the primary published it: upgrade this site's agent to the primary's version (it resumes from here, "+
+				"nothing is lost); delete the message (`nats stream rmm %s %d`) only if xdcr did not publish it", w.stream, d.Seq)
 		}
 		return permanent(fmt.Errorf("stream %s seq %d: %w", w.stream, d.Seq, d.Err), fix)
 	}

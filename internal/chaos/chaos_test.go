@@ -120,7 +120,7 @@ func newEnv(t *testing.T) *Env {
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatalf("wait ready: %v", err)
 	}
-	return &Env{Sites: env.sites, Cluster: c, WAN: env.wan}
+	return NewEnv(env.sites, c, env.wan)
 }
 
 func lastLines(s string, n int) string {
@@ -185,7 +185,7 @@ func TestCheckersCatchPlantedFaults(t *testing.T) {
 	e := newEnv(t)
 	ctx := t.Context()
 	hist := newHistory()
-	cl := &clients{primary: func(ctx context.Context) (string, string, error) { return e.Primary(ctx) }, hist: hist, op: 5 * time.Second}
+	cl := &clients{primary: e.Primary, hist: hist, op: 5 * time.Second}
 	wctx, cancel := context.WithTimeout(ctx, 4*time.Second)
 	cl.run(wctx, 2, *flagSeed)
 	cancel()

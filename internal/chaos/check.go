@@ -232,7 +232,7 @@ func readLogs(ctx context.Context, q querier) (map[int]clientLog, error) {
 	return out, rows.Err()
 }
 
-// Target is a site the sampler reads, and whether it is a replica now.
+// Target is a replica site the sampler reads.
 type Target struct {
 	Site, DSN string
 }
@@ -276,7 +276,7 @@ func (s *Sampler) Run(ctx context.Context) {
 				c, err := pgx.Connect(cctx, r.DSN)
 				cancel()
 				if err != nil {
-					s.count(false)
+					s.failed()
 					continue
 				}
 				conns[r.Site], conn = c, c
@@ -287,7 +287,7 @@ func (s *Sampler) Run(ctx context.Context) {
 			if err != nil {
 				_ = conn.Close(context.Background())
 				delete(conns, r.Site)
-				s.count(false)
+				s.failed()
 				continue
 			}
 			s.Observe(r.Site, logs)
@@ -295,14 +295,11 @@ func (s *Sampler) Run(ctx context.Context) {
 	}
 }
 
-func (s *Sampler) count(ok bool) {
+// failed counts a sample that could not be taken.
+func (s *Sampler) failed() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if ok {
-		s.samples++
-	} else {
-		s.failures++
-	}
+	s.failures++
+	s.mu.Unlock()
 }
 
 // Observe checks one sample of site's logs.

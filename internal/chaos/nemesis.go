@@ -20,15 +20,20 @@ type Env struct {
 	Sites   *local.Sites
 	Cluster *topology.Cluster
 	WAN     *faults.WAN
+	api     *api.Client
+}
+
+// NewEnv returns the Env of a cluster running on sites joined by wan.
+func NewEnv(sites *local.Sites, c *topology.Cluster, wan *faults.WAN) *Env {
+	return &Env{Sites: sites, Cluster: c, WAN: wan, api: api.NewClient(2*time.Second, "")}
 }
 
 // Status returns the cluster's checkpoints as the first node that answers
 // sees them.
 func (e *Env) Status(ctx context.Context) (string, uint64, string, error) {
-	client := api.NewClient(2*time.Second, "")
 	var errs []error
 	for _, n := range e.Cluster.Nodes() {
-		st, err := client.Status(ctx, e.Cluster.HTTPAddr(n), false)
+		st, err := e.api.Status(ctx, e.Cluster.HTTPAddr(n), false)
 		if err == nil && st.Primary != "" {
 			return st.Primary, st.Epoch, st.Leader, nil
 		}
@@ -70,14 +75,10 @@ type Nemesis struct {
 	Inject func(ctx context.Context, e *Env, rng *rand.Rand) (what string, heal func(context.Context) error, err error)
 }
 
-// Nemeses returns every nemesis. partition is how long a replica site is
-// cut off.
+// Nemeses returns every nemesis.
 func Nemeses() []Nemesis {
 	return []Nemesis{
-		{"kill-capture", killAgent(func(ctx context.Context, e *Env, _ *rand.Rand) (string, error) {
-			p, _, err := e.Primary(ctx)
-			return p, err
-		})},
+		{"kill-capture", killAgent(primarySite)},
 		{"kill-apply", killAgent(randomReplica)},
 		{"pause-capture", pauseCapture},
 		{"restart-primary-pg-fast", restartPostgres(primarySite, local.StopFast)},
@@ -89,8 +90,8 @@ func Nemeses() []Nemesis {
 	}
 }
 
-// Hold is how long a fault lasts before it is healed; Partition how long
-// a replica site stays cut off; LeaseHold how long the capture agent stays
+// hold is how long a fault lasts before it is healed; partition how long
+// a replica site stays cut off; leaseHold how long the capture agent stays
 // stopped (longer than the source lease and Raft's failure detection).
 var (
 	hold      = 3 * time.Second
@@ -136,12 +137,17 @@ func killAgent(pick func(context.Context, *Env, *rand.Rand) (string, error)) fun
 		if err := e.Cluster.KillAgent(node); err != nil {
 			return "", nil, err
 		}
-		return "kill -9 agent " + node, func(ctx context.Context) error {
-			if err := sleep(ctx, hold); err != nil {
-				return err
-			}
-			return e.Cluster.StartAgent(ctx, node)
-		}, nil
+		return "kill -9 agent " + node, restartAfterHold(e, node), nil
+	}
+}
+
+// restartAfterHold starts node's agent again after hold.
+func restartAfterHold(e *Env, node string) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := sleep(ctx, hold); err != nil {
+			return err
+		}
+		return e.Cluster.StartAgent(ctx, node)
 	}
 }
 
@@ -157,12 +163,7 @@ func killLeader(ctx context.Context, e *Env, _ *rand.Rand) (string, func(context
 	if err := e.Cluster.KillAgent(leader); err != nil {
 		return "", nil, err
 	}
-	return "kill -9 Raft leader " + leader, func(ctx context.Context) error {
-		if err := sleep(ctx, hold); err != nil {
-			return err
-		}
-		return e.Cluster.StartAgent(ctx, leader)
-	}, nil
+	return "kill -9 Raft leader " + leader, restartAfterHold(e, leader), nil
 }
 
 // pauseCapture stops the primary's agent with SIGSTOP for longer than its

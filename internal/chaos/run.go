@@ -73,7 +73,7 @@ func Run(ctx context.Context, e *Env, p Plan) (*Report, error) {
 	start := time.Now()
 
 	hist := newHistory()
-	cl := &clients{primary: func(ctx context.Context) (string, string, error) { return e.Primary(ctx) }, hist: hist, op: 5 * time.Second}
+	cl := &clients{primary: e.Primary, hist: hist, op: 5 * time.Second}
 	sampler := &Sampler{Replicas: e.Replicas, Interval: 300 * time.Millisecond}
 	wctx, stopWrites := context.WithCancel(ctx)
 	defer stopWrites()

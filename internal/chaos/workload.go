@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"sync"
 	"time"
@@ -141,19 +142,7 @@ func (h *History) Counts() (acked, unknown, events int) {
 func (h *History) snapshot() (map[string]Transfer, map[int]int64, map[int]bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	t := make(map[string]Transfer, len(h.transfers))
-	for k, v := range h.transfers {
-		t[k] = v
-	}
-	e := make(map[int]int64, len(h.events))
-	for k, v := range h.events {
-		e[k] = v
-	}
-	p := make(map[int]bool, len(h.pending))
-	for k, v := range h.pending {
-		p[k] = v
-	}
-	return t, e, p
+	return maps.Clone(h.transfers), maps.Clone(h.events), maps.Clone(h.pending)
 }
 
 // PrimaryDSN names the database of the site that is the primary now.
