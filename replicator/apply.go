@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/xdcr/xdcr/internal/wait"
 	"github.com/xdcr/xdcr/replicator/change"
 	"github.com/xdcr/xdcr/transport"
 )
@@ -202,20 +203,20 @@ func (a *Apply) Run(ctx context.Context) error {
 		if errors.As(err, &syncing) {
 			a.obs.State(StateSyncing, err)
 			backoff.reset()
-			if err := sleep(ctx, time.Second); err != nil {
+			if err := wait.Sleep(ctx, time.Second); err != nil {
 				return err
 			}
 			continue
 		}
-		wait := backoff.next()
+		delay := backoff.next()
 		if isPermanent(err) {
 			a.obs.State(StatePaused, err)
-			a.log.Error("apply paused", "err", err, "retry_in", wait)
+			a.log.Error("apply paused", "err", err, "retry_in", delay)
 		} else {
 			a.obs.State(StateReconnecting, err)
-			a.log.Warn("apply session ended; restarting", "err", err, "retry_in", wait)
+			a.log.Warn("apply session ended; restarting", "err", err, "retry_in", delay)
 		}
-		if err := sleep(ctx, wait); err != nil {
+		if err := wait.Sleep(ctx, delay); err != nil {
 			return err
 		}
 	}

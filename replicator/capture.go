@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/xdcr/xdcr/internal/wait"
 	"github.com/xdcr/xdcr/replicator/change"
 )
 
@@ -172,9 +173,9 @@ func (c *Capture) Run(ctx context.Context) error {
 			return err
 		}
 		c.obs.State(StateReconnecting, err)
-		wait := backoff.next()
-		c.log.Warn("capture session ended; restarting", "err", err, "retry_in", wait)
-		if err := sleep(ctx, wait); err != nil {
+		delay := backoff.next()
+		c.log.Warn("capture session ended; restarting", "err", err, "retry_in", delay)
+		if err := wait.Sleep(ctx, delay); err != nil {
 			return err
 		}
 	}

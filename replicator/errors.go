@@ -1,7 +1,6 @@
 package replicator
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -114,17 +113,6 @@ func (b *backoff) next() time.Duration {
 }
 
 func (b *backoff) reset() { b.cur = 0 }
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
 
 // isPermanent reports whether err needs an operator rather than a retry.
 func isPermanent(err error) bool {

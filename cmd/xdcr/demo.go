@@ -14,6 +14,7 @@ import (
 	"github.com/xdcr/xdcr/checkpoints"
 	"github.com/xdcr/xdcr/deploy/topology"
 	"github.com/xdcr/xdcr/internal/api"
+	"github.com/xdcr/xdcr/internal/wait"
 	"github.com/xdcr/xdcr/replicator"
 )
 
@@ -262,20 +263,11 @@ func (t *tour) lag(ctx context.Context) error {
 			renderLag(t.w, st)
 			return nil
 		}
-		if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+		if err := wait.Sleep(ctx, 500*time.Millisecond); err != nil {
 			return err
 		}
 	}
 	return err
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(d):
-		return nil
-	}
 }
 
 // converge waits until every replica equals the primary and says how long

@@ -17,6 +17,7 @@ import (
 	"github.com/xdcr/xdcr/checkpoints"
 	"github.com/xdcr/xdcr/consensus"
 	"github.com/xdcr/xdcr/internal/api"
+	"github.com/xdcr/xdcr/internal/wait"
 	"github.com/xdcr/xdcr/replicator"
 	"github.com/xdcr/xdcr/replicator/change"
 	"github.com/xdcr/xdcr/transport"
@@ -318,7 +319,7 @@ func (a *Agent) takeOver(ctx context.Context, p *checkpoints.Promotion) error {
 	if p.Kind == checkpoints.KindFailover {
 		// the old primary may still be publishing until its lease runs out
 		a.log.Info("failover: waiting for the old primary's lease to run out", "promotion", p.ID, "lease", leaseTimeout)
-		if err := sleepCtx(ctx, leaseTimeout+2*time.Second); err != nil {
+		if err := wait.Sleep(ctx, leaseTimeout+2*time.Second); err != nil {
 			return err
 		}
 		if err := a.waitApplyIdle(ctx, 2*time.Second); err != nil {
@@ -390,7 +391,7 @@ func (a *Agent) waitApplied(ctx context.Context, p *checkpoints.Promotion) error
 		if ap := ps.applied; p.HandoffLSN == 0 || (ap != nil && ap.Position.Epoch == p.Epoch && ap.Position.Origin == p.From && ap.Position.LSN >= p.HandoffLSN) {
 			return nil
 		}
-		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
+		if err := wait.Sleep(ctx, 100*time.Millisecond); err != nil {
 			return err
 		}
 		if q := a.raft.LocalState().Promotion; q == nil || q.ID != p.ID {
@@ -416,7 +417,7 @@ func (a *Agent) waitApplyIdle(ctx context.Context, quiet time.Duration) error {
 		if time.Since(since) >= quiet {
 			return nil
 		}
-		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
+		if err := wait.Sleep(ctx, 200*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -424,20 +425,11 @@ func (a *Agent) waitApplyIdle(ctx context.Context, quiet time.Duration) error {
 
 func (a *Agent) waitPipelineStopped(ctx context.Context) error {
 	for a.pipelineSnapshot().running {
-		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+		if err := wait.Sleep(ctx, 50*time.Millisecond); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(d):
-		return nil
-	}
 }
 
 // reconcileOldPrimary runs when this site starts as a replica after it was

@@ -11,6 +11,7 @@ import (
 	"github.com/xdcr/xdcr/deploy/local"
 	"github.com/xdcr/xdcr/deploy/topology"
 	"github.com/xdcr/xdcr/internal/api"
+	"github.com/xdcr/xdcr/internal/wait"
 )
 
 // Env is the cluster the nemeses act on: sites whose leaf links run
@@ -116,15 +117,6 @@ func randomReplica(ctx context.Context, e *Env, rng *rand.Rand) (string, error) 
 	return rs[rng.IntN(len(rs))].Site, nil
 }
 
-func sleep(ctx context.Context, d time.Duration) error {
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(d):
-		return nil
-	}
-}
-
 // killAgent kill -9s the agent of the site pick chooses and starts it
 // again after hold.
 func killAgent(pick func(context.Context, *Env, *rand.Rand) (string, error)) func(context.Context, *Env, *rand.Rand) (string, func(context.Context) error, error) {
@@ -144,7 +136,7 @@ func killAgent(pick func(context.Context, *Env, *rand.Rand) (string, error)) fun
 // restartAfterHold starts node's agent again after hold.
 func restartAfterHold(e *Env, node string) func(context.Context) error {
 	return func(ctx context.Context) error {
-		if err := sleep(ctx, hold); err != nil {
+		if err := wait.Sleep(ctx, hold); err != nil {
 			return err
 		}
 		return e.Cluster.StartAgent(ctx, node)
@@ -182,7 +174,7 @@ func pauseCapture(ctx context.Context, e *Env, _ *rand.Rand) (string, func(conte
 		return "", nil, err
 	}
 	return fmt.Sprintf("SIGSTOP agent %s for %s", node, leaseHold), func(ctx context.Context) error {
-		serr := sleep(ctx, leaseHold)
+		serr := wait.Sleep(ctx, leaseHold)
 		if err := faults.Resume(pid); err != nil {
 			return err
 		}
@@ -203,7 +195,7 @@ func restartPostgres(pick func(context.Context, *Env, *rand.Rand) (string, error
 			return "", nil, fmt.Errorf("stop %s's PostgreSQL (%s): %w", site, mode, err)
 		}
 		return fmt.Sprintf("stop %s's PostgreSQL (%s)", site, mode), func(ctx context.Context) error {
-			if err := sleep(ctx, hold); err != nil {
+			if err := wait.Sleep(ctx, hold); err != nil {
 				return err
 			}
 			return pg.Start(ctx)
@@ -219,7 +211,7 @@ func restartNATS(ctx context.Context, e *Env, rng *rand.Rand) (string, func(cont
 	n := e.site(site).NATS
 	n.Stop()
 	return "stop " + site + "'s NATS server", func(ctx context.Context) error {
-		if err := sleep(ctx, hold); err != nil {
+		if err := wait.Sleep(ctx, hold); err != nil {
 			return err
 		}
 		return n.Start(ctx)
@@ -235,7 +227,7 @@ func partitionReplica(ctx context.Context, e *Env, rng *rand.Rand) (string, func
 	}
 	e.WAN.Isolate(site)
 	return fmt.Sprintf("cut %s off for %s", site, partition), func(ctx context.Context) error {
-		serr := sleep(ctx, partition)
+		serr := wait.Sleep(ctx, partition)
 		e.WAN.Heal()
 		return serr
 	}, nil

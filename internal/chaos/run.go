@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/jedib0t/go-pretty/v6/table"
+
+	"github.com/xdcr/xdcr/internal/wait"
 )
 
 // Plan is a schedule of faults.
@@ -86,7 +88,7 @@ func Run(ctx context.Context, e *Env, p Plan) (*Report, error) {
 	lastHeal := time.Now()
 	// the clients write on a little after the last heal, so that the
 	// stream carries new changes over the healed path
-	_ = sleep(ctx, p.Quiet)
+	_ = wait.Sleep(ctx, p.Quiet)
 	stopWrites()
 	wg.Wait()
 	rep.Acked, rep.InDoubt, rep.Events = hist.Counts()
@@ -117,7 +119,7 @@ func Run(ctx context.Context, e *Env, p Plan) (*Report, error) {
 
 // schedule injects and heals the faults of p.
 func schedule(ctx context.Context, e *Env, p Plan, rng *rand.Rand, rep *Report, progress func(string, ...any)) error {
-	if err := sleep(ctx, p.Quiet); err != nil {
+	if err := wait.Sleep(ctx, p.Quiet); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(p.Duration)
@@ -147,7 +149,7 @@ func schedule(ctx context.Context, e *Env, p Plan, rng *rand.Rand, rep *Report, 
 			return fmt.Errorf("heal %s (%s): %w", n.Name, what, err)
 		}
 		progress("healed: %s", n.Name)
-		if err := sleep(ctx, p.Quiet); err != nil {
+		if err := wait.Sleep(ctx, p.Quiet); err != nil {
 			return err
 		}
 	}
@@ -162,7 +164,7 @@ func waitPrimary(ctx context.Context, e *Env) error {
 		if _, _, err := e.Primary(ctx); err == nil {
 			return nil
 		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
+		if err := wait.Sleep(ctx, 200*time.Millisecond); err != nil {
 			return errors.New("no node named a primary for a minute")
 		}
 	}
@@ -183,7 +185,7 @@ func waitConverged(ctx context.Context, e *Env, timeout time.Duration) (string, 
 		} else {
 			last = err
 		}
-		if sleep(ctx, time.Second) != nil {
+		if wait.Sleep(ctx, time.Second) != nil {
 			return "", fmt.Errorf("the sites did not match the primary within %s: %w", timeout, last)
 		}
 	}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/xdcr/xdcr/internal/wait"
 )
 
 // The ledger's accounts: Accounts of them, each opened with Opening on
@@ -217,13 +219,6 @@ func (s *session) exec(ctx context.Context, sql string, args ...any) (Outcome, e
 	return o, err
 }
 
-func pause(ctx context.Context, d time.Duration) {
-	select {
-	case <-ctx.Done():
-	case <-time.After(d):
-	}
-}
-
 // ledger sends transfers as client id until ctx ends. A transfer is never
 // sent twice: after an unknown outcome the next one has a new id.
 func (c *clients) ledger(ctx context.Context, id int, rng *rand.Rand) {
@@ -231,7 +226,7 @@ func (c *clients) ledger(ctx context.Context, id int, rng *rand.Rand) {
 	defer s.drop()
 	for n := 1; ctx.Err() == nil; n++ {
 		if s.get(ctx) == nil {
-			pause(ctx, 100*time.Millisecond)
+			_ = wait.Sleep(ctx, 100*time.Millisecond)
 			n--
 			continue
 		}
@@ -242,10 +237,10 @@ func (c *clients) ledger(ctx context.Context, id int, rng *rand.Rand) {
 		t.Outcome = o
 		c.hist.transfer(tid, t)
 		if err != nil {
-			pause(ctx, 50*time.Millisecond)
+			_ = wait.Sleep(ctx, 50*time.Millisecond)
 			continue
 		}
-		pause(ctx, 2*time.Millisecond)
+		_ = wait.Sleep(ctx, 2*time.Millisecond)
 	}
 }
 
@@ -267,9 +262,9 @@ func (c *clients) log(ctx context.Context, id int) {
 		c.hist.event(id, seq, o)
 		if o == Acked {
 			seq++
-			pause(ctx, 2*time.Millisecond)
+			_ = wait.Sleep(ctx, 2*time.Millisecond)
 			continue
 		}
-		pause(ctx, 50*time.Millisecond)
+		_ = wait.Sleep(ctx, 50*time.Millisecond)
 	}
 }
