@@ -404,6 +404,13 @@ type stmt struct {
 	seq uint64
 	txn change.LSN
 	c   *change.Change
+
+	// row names the row a change writes, on tables whose whole-row updates
+	// may be superseded ("" otherwise); whole marks such an update.
+	row   string
+	whole bool
+	// copy is the insert's table when the row can go by COPY
+	copy *target
 }
 
 func (w *applier) full() bool {
@@ -717,48 +724,6 @@ func (w *applier) advanceStmt(seq uint64) stmt {
 
 func itoa(n uint64) []byte { return strconv.AppendUint(nil, n, 10) }
 
-// exec sends the queued statements in one round trip and checks each
-// result.
-func (w *applier) exec(ctx context.Context) error {
-	if len(w.queued) == 0 {
-		return nil
-	}
-	batch := &pgconn.Batch{}
-	for i := range w.queued {
-		s := &w.queued[i]
-		if s.sd != nil {
-			batch.ExecStatement(s.sd, s.params, s.formats, nil)
-		} else {
-			batch.ExecParams(s.sql, s.params, nil, nil, nil)
-		}
-	}
-	queued := w.queued
-	w.queued, w.mark = w.queued[:0:0], 0
-	mrr := w.conn.PgConn().ExecBatch(ctx, batch)
-	i := 0
-	var first error
-	for mrr.NextResult() {
-		tag, err := mrr.ResultReader().Close()
-		if first == nil && i < len(queued) {
-			s := &queued[i]
-			if err != nil {
-				first = w.stmtError(s, err)
-			} else if s.rows >= 0 && tag.RowsAffected() != s.rows {
-				first = w.rowsError(s, tag.RowsAffected())
-			}
-		}
-		i++
-	}
-	if err := mrr.Close(); err != nil && first == nil {
-		if i < len(queued) {
-			first = w.stmtError(&queued[i], err)
-		} else {
-			first = fmt.Errorf("commit on replica site %s: %w", w.cfg.Site, err)
-		}
-	}
-	return first
-}
-
 func (w *applier) stmtError(s *stmt, err error) error {
 	where := fmt.Sprintf("stream %s seq %d, source transaction %s", w.stream, s.seq, s.txn)
 	var pgErr *pgconn.PgError
@@ -1008,6 +973,12 @@ func (w *applier) statement(ctx context.Context, c *change.Change) (stmt, error)
 		}
 		s := stmt{sd: sd, rows: 1}
 		s.params, s.formats = params(c.New, nil)
+		if t.supersede {
+			s.row = rowName(t, c.New)
+		}
+		if copyable(c.New) {
+			s.copy = t
+		}
 		return s, nil
 	case change.Update:
 		var set []int
@@ -1040,6 +1011,10 @@ func (w *applier) statement(ctx context.Context, c *change.Change) (stmt, error)
 		}
 		s := stmt{sd: sd, rows: 1}
 		s.params, s.formats = params(pick(c.New, set), pick(keyVals, where))
+		if t.supersede {
+			s.row = rowName(t, keyVals)
+			s.whole = c.Old == nil && len(set) == len(c.New)
+		}
 		return s, nil
 	case change.Delete:
 		where, err := whereColumns(t, c, c.Old)
@@ -1053,6 +1028,9 @@ func (w *applier) statement(ctx context.Context, c *change.Change) (stmt, error)
 		}
 		s := stmt{sd: sd, rows: 1}
 		s.params, s.formats = params(pick(c.Old, where), nil)
+		if t.supersede {
+			s.row = rowName(t, c.Old)
+		}
 		return s, nil
 	}
 	return stmt{}, fmt.Errorf("%w: change of kind %v", ErrProtocol, c.Op)

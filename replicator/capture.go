@@ -53,6 +53,11 @@ type CaptureConfig struct {
 	// HeartbeatInterval is how often an idle capture publishes a heartbeat,
 	// so replicas can tell "idle" from "stalled".
 	HeartbeatInterval time.Duration
+	// ReadGulp is how long each read of the replication stream waits for
+	// the source to send more while the source is far ahead (catch-up):
+	// one read then takes in many changes instead of one. Negative turns
+	// it off; it never applies once caught up.
+	ReadGulp time.Duration
 	// Sequences are the previous primary's sequence values, which the
 	// first start of a new epoch advances this site's sequences past.
 	Sequences map[string]int64
@@ -74,6 +79,9 @@ func (c *CaptureConfig) withDefaults() CaptureConfig {
 	}
 	if out.HeartbeatInterval <= 0 {
 		out.HeartbeatInterval = time.Second
+	}
+	if out.ReadGulp == 0 {
+		out.ReadGulp = defaultReadGulp
 	}
 	return out
 }
@@ -207,11 +215,13 @@ func (c *Capture) session(ctx context.Context) error {
 		return err
 	}
 
-	repl, err := connectReplication(ctx, c.cfg.DSN)
+	repl, sock, err := connectReplication(ctx, c.cfg.DSN, max(c.cfg.ReadGulp, 0))
 	if err != nil {
 		return err
 	}
 	defer repl.Close(context.WithoutCancel(ctx))
+	// the loop reads without a context: ending the session interrupts it
+	defer context.AfterFunc(ctx, sock.Interrupt)()
 	args := []string{"proto_version '1'", fmt.Sprintf("publication_names '%s'", PublicationName(c.cfg.Cluster))}
 	if err := pglogrepl.StartReplication(ctx, repl, SlotName(c.cfg.Cluster), 0,
 		pglogrepl.StartReplicationOptions{PluginArgs: args}); err != nil {
@@ -224,6 +234,7 @@ func (c *Capture) session(ctx context.Context) error {
 	s := &captureSession{
 		Capture:   c,
 		repl:      repl,
+		sock:      sock,
 		meta:      meta,
 		dec:       newDecoder(typeNames{meta}),
 		confirmed: slot.confirmed,
@@ -235,6 +246,17 @@ func (c *Capture) session(ctx context.Context) error {
 	}
 	return s.loop(ctx)
 }
+
+const (
+	// defaultReadGulp is CaptureConfig.ReadGulp's default.
+	defaultReadGulp = 2 * time.Millisecond
+	// catchUpLag is how far behind the source's WAL end (sampled at each
+	// status report) the stream must be for reads to be gathered (see
+	// streamConn); a commit decoded within freshCommit of its time ends
+	// that at once.
+	catchUpLag  = 1 << 20
+	freshCommit = 20 * time.Millisecond
+)
 
 type slotState struct {
 	confirmed change.LSN
@@ -405,11 +427,13 @@ func publishedUpTo(last *change.Batch, origin string, epoch uint64) change.LSN {
 type captureSession struct {
 	*Capture
 	repl *pgconn.PgConn
+	sock *streamConn
 	meta *pgx.Conn
 	dec  *decoder
 
 	confirmed change.LSN // what the slot may advance to: everything up to it is stored in the stream
 	seenEnd   change.LSN // end of the last commit (or keepalive position) processed
+	received  change.LSN // start of the last WAL data message read
 	published change.LSN // commit LSN of the last transaction handed to the publisher
 
 	// the run of whole transactions waiting to be published
@@ -471,7 +495,7 @@ func (s *captureSession) loop(ctx context.Context) error {
 			nextStatus = now.Add(s.cfg.StatusInterval)
 		}
 		deadline := nextStatus
-		if t := s.lastPublish.Add(s.cfg.HeartbeatInterval); t.Before(deadline) {
+		if t := s.lastPublish.Add(s.cfg.HeartbeatInterval); t.Before(deadline) && s.idle() {
 			deadline = t
 		}
 		if len(s.run) > 0 {
@@ -493,9 +517,12 @@ func (s *captureSession) loop(ctx context.Context) error {
 		if !deadline.After(now) {
 			deadline = now.Add(time.Millisecond)
 		}
-		rctx, cancel := context.WithDeadline(ctx, deadline)
-		raw, err := s.repl.ReceiveMessage(rctx)
-		cancel()
+		// no context per message: a timer for each would cost more than
+		// decoding it
+		if err := s.sock.ReadBy(now, deadline); err != nil {
+			return ctx.Err()
+		}
+		raw, err := s.repl.ReceiveMessage(context.Background())
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -538,6 +565,7 @@ func (s *captureSession) handleCopyData(ctx context.Context, data []byte) error 
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrProtocol, err)
 		}
+		s.received = max(s.received, change.LSN(xld.WALStart))
 		ev, err := s.dec.decode(ctx, xld.WALData)
 		if err != nil {
 			return err
@@ -565,6 +593,9 @@ func (s *captureSession) handle(ctx context.Context, ev event) error {
 		}
 	case evCommit:
 		s.seenEnd = max(s.seenEnd, ev.commit.endLSN)
+		if s.cur != nil && time.Since(s.cur.CommitTime) < freshCommit {
+			s.sock.Behind(false) // caught up: read eagerly
+		}
 		if s.curChunks > 0 && !s.skip {
 			err := s.publishChunk(ctx, true, ev.commit.endLSN)
 			s.cur = nil
@@ -785,6 +816,7 @@ func (s *captureSession) report(ctx context.Context) error {
 	if retained != nil {
 		p.RetainedWALBytes = *retained
 	}
+	s.sock.Behind(p.WALLSN > s.received+catchUpLag)
 	s.obs.Source(p)
 	return nil
 }

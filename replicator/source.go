@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -45,19 +47,31 @@ func ConnectMeta(ctx context.Context, dsn string) (*pgx.Conn, error) {
 	return conn, nil
 }
 
-// connectReplication opens a logical replication connection.
-func connectReplication(ctx context.Context, dsn string) (*pgconn.PgConn, error) {
+// connectReplication opens a logical replication connection. Its socket is
+// a streamConn that gathers the stream in gulps of at least gulp while the
+// source is far ahead (0: read eagerly always).
+func connectReplication(ctx context.Context, dsn string, gulp time.Duration) (*pgconn.PgConn, *streamConn, error) {
 	cfg, err := pgconn.ParseConfig(dsn)
 	if err != nil {
-		return nil, permanent(fmt.Errorf("parse postgres connection string: %w", err), "correct the site's postgres setting")
+		return nil, nil, permanent(fmt.Errorf("parse postgres connection string: %w", err), "correct the site's postgres setting")
 	}
 	setSessionParams(cfg.RuntimeParams, "xdcr-capture")
 	cfg.RuntimeParams["replication"] = "database"
+	var sc *streamConn
+	dial := cfg.DialFunc
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		sc = newStreamConn(c, gulp) // the last one dialed is the one kept
+		return sc, nil
+	}
 	conn, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("open replication connection to %s:%d: %w", cfg.Host, cfg.Port, err)
+		return nil, nil, fmt.Errorf("open replication connection to %s:%d: %w", cfg.Host, cfg.Port, err)
 	}
-	return conn, nil
+	return conn, sc, nil
 }
 
 // typeNames resolves type names over a catalog connection.

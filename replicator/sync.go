@@ -388,7 +388,7 @@ func firstLine(s string) string {
 // copyAll takes the snapshot and copies every table; it returns the LSN
 // where the copy ends.
 func (s *syncRun) copyAll(ctx context.Context) (change.LSN, error) {
-	repl, err := connectReplication(ctx, s.cfg.SourceDSN)
+	repl, _, err := connectReplication(ctx, s.cfg.SourceDSN, 0)
 	if err != nil {
 		return 0, fmt.Errorf("primary: %w", err)
 	}

@@ -21,6 +21,11 @@ type target struct {
 	full  bool             // REPLICA IDENTITY FULL: rows are found by all old values
 	keys  []int            // indexes of the identity columns
 	stmts map[string]*pgconn.StatementDescription
+	// supersede: an update that writes every column of a row may be
+	// dropped when a later one in the same target transaction writes every
+	// column of it again (see supersede). Only the primary key may be
+	// unique, and no trigger or rule may see the update.
+	supersede bool
 }
 
 // relationKey identifies a relation shape: name, column names and types.
@@ -133,7 +138,31 @@ func resolveTarget(ctx context.Context, meta *pgx.Conn, rel *change.Relation, si
 	if len(problems) > 0 {
 		return nil, errors.Join(problems...)
 	}
+	if !tg.full {
+		if tg.supersede, err = plainKeyed(ctx, meta, t); err != nil {
+			return nil, err
+		}
+	}
 	return tg, nil
+}
+
+// plainKeyed reports whether the replica's table t has a primary key and
+// nothing else that sees an update's intermediate values: no other unique
+// index or exclusion constraint (a dropped update could change which of
+// two rows holds a value in between), no trigger that fires on a replica,
+// and no rule.
+func plainKeyed(ctx context.Context, meta *pgx.Conn, t Table) (bool, error) {
+	var ok bool
+	err := meta.QueryRow(ctx, `SELECT
+		EXISTS (SELECT FROM pg_index WHERE indrelid = $1::regclass AND indisprimary)
+		AND NOT EXISTS (SELECT FROM pg_index WHERE indrelid = $1::regclass AND (indisunique OR indisexclusion) AND NOT indisprimary)
+		AND NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal AND tgenabled IN ('A', 'R'))
+		AND NOT EXISTS (SELECT FROM pg_rewrite WHERE ev_class = $1::regclass AND rulename <> '_RETURN')`,
+		t.Quoted()).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("read the indexes and triggers of %s: %w", t, err)
+	}
+	return ok, nil
 }
 
 // addColumnsSQL is the statement that adds cols to the replica's table t
@@ -158,6 +187,20 @@ func addColumnsSQL(t Table, cols []change.Column) string {
 // Statement building. Masks say which columns a statement uses, so that
 // rows with unchanged TOAST values or NULL identity values get their own
 // prepared statement.
+
+// copySQL copies rows of the source's columns in COPY's text format.
+func (t *target) copySQL() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "COPY %s (", t.table.Quoted())
+	for i, c := range t.rel.Columns {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(pgx.Identifier{c.Name}.Sanitize())
+	}
+	b.WriteString(") FROM STDIN")
+	return b.String()
+}
 
 func (t *target) insertSQL() string {
 	var b strings.Builder

@@ -51,8 +51,9 @@ CREATE TABLE public.types (
 );`
 
 // TestTypesRoundTrip writes every supported type, NULLs and edge values on
-// the primary and compares the replicas row by row, including a TOASTed
-// value left alone by an update of another column.
+// the primary and compares the replicas row by row, one row per statement
+// and many rows in one (applied as a COPY), including a TOASTed value left
+// alone by an update of another column.
 func TestTypesRoundTrip(t *testing.T) {
 	c := newCluster(t, clusterOpts{schema: typesSchema, tables: []string{"public.types"}})
 	p := connect(t, c, c.Config.Primary)
@@ -77,6 +78,15 @@ func TestTypesRoundTrip(t *testing.T) {
 		if _, err := p.Exec(ctx, s); err != nil {
 			t.Fatalf("%s: %v", firstLine(s), err)
 		}
+	}
+	converge(t, c, time.Minute)
+
+	// Ten copies of every row in one transaction: a run of inserts into one
+	// table that apply sends as a COPY, with every type and every
+	// character COPY's text format escapes.
+	if _, err := p.Exec(ctx, `INSERT INTO types SELECT id + 100 * k, i2, i4, i8, num, num_free, r4, r8, t, vc, ch, b, d, tm, tmtz,
+		ts, tstz, iv, u, j, jb, by, arr_i, arr_t, arr_2d, m, arr_m, big FROM types, generate_series(1, 10) k`); err != nil {
+		t.Fatal(err)
 	}
 	converge(t, c, time.Minute)
 

@@ -1,0 +1,300 @@
+package replicator
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+// Sending a target transaction. The statements queued for it are first
+// arranged (supersede, gather), then sent in as few round trips as the
+// protocol allows: runs of statements as one pipelined batch, and runs of
+// inserts into one table as one COPY.
+
+// copyMin is the shortest run of inserts into one table that goes as a
+// COPY rather than as single inserts: a COPY costs a round trip of its own.
+const copyMin = 8
+
+// exec sends the queued statements and checks each result.
+func (w *applier) exec(ctx context.Context) error {
+	if len(w.queued) == 0 {
+		return nil
+	}
+	queued := gather(supersede(w.queued))
+	defer func() {
+		clear(w.queued[:cap(w.queued)]) // let the deliveries go
+		w.queued, w.mark = w.queued[:0], 0
+	}()
+	parts := split(queued)
+	if len(parts) == 1 {
+		return w.execBatch(ctx, parts[0])
+	}
+	if w.chunk == nil {
+		// a group is one implicit transaction as long as it is one batch;
+		// with COPY in it, it needs an explicit one
+		seq, txn := queued[0].seq, queued[len(queued)-1].txn
+		parts = append([][]stmt{{{sql: "BEGIN", rows: -1, seq: seq, txn: txn}}}, parts...)
+		parts = append(parts, []stmt{{sql: "COMMIT", rows: -1, seq: seq, txn: txn}})
+	}
+	for _, part := range parts {
+		var err error
+		if part[0].copy != nil && len(part) >= copyMin {
+			err = w.execCopy(ctx, part)
+		} else {
+			err = w.execBatch(ctx, part)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// split cuts queued into runs of at least copyMin inserts into one table
+// that can go as a COPY, and the statements between them.
+func split(queued []stmt) [][]stmt {
+	var parts [][]stmt
+	start := 0
+	for i := 0; i < len(queued); {
+		t := queued[i].copy
+		j := i + 1
+		if t != nil {
+			for j < len(queued) && queued[j].copy == t {
+				j++
+			}
+		}
+		if t == nil || j-i < copyMin {
+			i = j
+			continue
+		}
+		if start < i {
+			parts = append(parts, queued[start:i])
+		}
+		parts = append(parts, queued[i:j])
+		start, i = j, j
+	}
+	if start < len(queued) {
+		parts = append(parts, queued[start:])
+	}
+	return parts
+}
+
+// execBatch sends stmts in one round trip and checks each result.
+func (w *applier) execBatch(ctx context.Context, stmts []stmt) error {
+	batch := &pgconn.Batch{}
+	for i := range stmts {
+		s := &stmts[i]
+		if s.sd != nil {
+			batch.ExecStatement(s.sd, s.params, s.formats, nil)
+		} else {
+			batch.ExecParams(s.sql, s.params, nil, nil, nil)
+		}
+	}
+	mrr := w.conn.PgConn().ExecBatch(ctx, batch)
+	i := 0
+	var first error
+	for mrr.NextResult() {
+		tag, err := mrr.ResultReader().Close()
+		if first == nil && i < len(stmts) {
+			s := &stmts[i]
+			if err != nil {
+				first = w.stmtError(s, err)
+			} else if s.rows >= 0 && tag.RowsAffected() != s.rows {
+				first = w.rowsError(s, tag.RowsAffected())
+			}
+		}
+		i++
+	}
+	if err := mrr.Close(); err != nil && first == nil {
+		if i < len(stmts) {
+			first = w.stmtError(&stmts[i], err)
+		} else {
+			first = fmt.Errorf("commit on replica site %s: %w", w.cfg.Site, err)
+		}
+	}
+	return first
+}
+
+// execCopy inserts the rows of a run of inserts into one table with COPY.
+func (w *applier) execCopy(ctx context.Context, run []stmt) error {
+	t := run[0].copy
+	var buf bytes.Buffer
+	for i := range run {
+		appendCopyRow(&buf, run[i].c.New)
+	}
+	tag, err := w.conn.PgConn().CopyFrom(ctx, &buf, t.copySQL())
+	if err != nil {
+		return fmt.Errorf("%d inserts into %s (source transactions %s to %s) as one COPY: %w",
+			len(run), t.table, run[0].txn, run[len(run)-1].txn, w.stmtError(&run[0], err))
+	}
+	if tag.RowsAffected() != int64(len(run)) {
+		return fmt.Errorf("COPY of %d inserts into %s on replica site %s wrote %d rows", len(run), t.table, w.cfg.Site, tag.RowsAffected())
+	}
+	return nil
+}
+
+// appendCopyRow writes a row in COPY's text format. Values are in their
+// types' text form already, as pgoutput sends them; only COPY's own
+// delimiters are escaped.
+func appendCopyRow(buf *bytes.Buffer, vals []change.Value) {
+	for i, v := range vals {
+		if i > 0 {
+			buf.WriteByte('\t')
+		}
+		if v.Kind == change.Null {
+			buf.WriteString(`\N`)
+			continue
+		}
+		for _, c := range v.Data {
+			switch c {
+			case '\\':
+				buf.WriteString(`\\`)
+			case '\n':
+				buf.WriteString(`\n`)
+			case '\r':
+				buf.WriteString(`\r`)
+			case '\t':
+				buf.WriteString(`\t`)
+			default:
+				buf.WriteByte(c)
+			}
+		}
+	}
+	buf.WriteByte('\n')
+}
+
+// copyable reports whether an inserted row can go through COPY's text
+// format: every value is text or NULL.
+func copyable(vals []change.Value) bool {
+	for _, v := range vals {
+		if v.Kind != change.Text && v.Kind != change.Null {
+			return false
+		}
+	}
+	return true
+}
+
+// gather moves the inserts of rows that nothing else in the target
+// transaction touches next to the last insert into the same table, so
+// that they go as one COPY. Like supersede, it only moves rows of tables
+// where nothing observes the order of rows (target.supersede), and never
+// across a TRUNCATE.
+func gather(queued []stmt) []stmt {
+	touched := make(map[string]int)
+	movable := 0
+	for i := range queued {
+		if r := queued[i].row; r != "" {
+			touched[r]++
+			if queued[i].copy != nil {
+				movable++
+			}
+		}
+	}
+	if movable < copyMin {
+		return queued
+	}
+	out := make([]stmt, 0, len(queued))
+	start := 0
+	for i := 0; i <= len(queued); i++ {
+		if i < len(queued) && !truncates(&queued[i]) {
+			continue
+		}
+		out = gatherSpan(out, queued[start:i], touched)
+		if i < len(queued) {
+			out = append(out, queued[i])
+		}
+		start = i + 1
+	}
+	return out
+}
+
+func gatherSpan(out, span []stmt, touched map[string]int) []stmt {
+	moves := func(s *stmt) bool { return s.copy != nil && s.row != "" && touched[s.row] == 1 }
+	last := make(map[*target]int)
+	for i := range span {
+		if moves(&span[i]) {
+			last[span[i].copy] = i
+		}
+	}
+	held := make(map[*target][]stmt)
+	for i := range span {
+		s := &span[i]
+		if !moves(s) {
+			out = append(out, *s)
+			continue
+		}
+		if last[s.copy] != i {
+			held[s.copy] = append(held[s.copy], *s)
+			continue
+		}
+		out = append(append(out, held[s.copy]...), *s)
+	}
+	return out
+}
+
+func truncates(s *stmt) bool { return s.c != nil && s.c.Op == change.Truncate }
+
+// supersede drops the whole-row updates that a later whole-row update of
+// the same row in the same target transaction overwrites, when nothing
+// else touched that row in between; it keeps the order of the rest. The
+// dropped values were never visible outside the target transaction, and
+// only tables where nothing could observe them (target.supersede) take
+// part: it spares the replica a row version per dropped update, which on
+// hot rows (a counter updated by every source transaction) is most of the
+// work of a group.
+func supersede(queued []stmt) []stmt {
+	later := make(map[string]struct{})
+	dropped := 0
+	for i := len(queued) - 1; i >= 0; i-- {
+		s := &queued[i]
+		switch {
+		case s.row == "":
+			if truncates(s) {
+				clear(later)
+			}
+		case !s.whole:
+			delete(later, s.row)
+		default:
+			if _, ok := later[s.row]; ok {
+				s.rows, dropped = dropRow, dropped+1
+				continue
+			}
+			later[s.row] = struct{}{}
+		}
+	}
+	if dropped == 0 {
+		return queued
+	}
+	kept := queued[:0]
+	for _, s := range queued {
+		if s.rows != dropRow {
+			kept = append(kept, s)
+		}
+	}
+	return kept
+}
+
+// dropRow marks a statement supersede dropped.
+const dropRow = -2
+
+// rowName names the row whose identity columns hold vals, for supersede.
+func rowName(t *target, vals []change.Value) string {
+	var b strings.Builder
+	b.WriteString(t.table.Schema)
+	b.WriteByte(0)
+	b.WriteString(t.table.Name)
+	for _, k := range t.keys {
+		b.WriteByte(0)
+		b.WriteByte(byte(vals[k].Kind))
+		b.WriteString(strconv.Itoa(len(vals[k].Data)))
+		b.WriteByte(':')
+		b.Write(vals[k].Data)
+	}
+	return b.String()
+}

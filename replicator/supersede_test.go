@@ -1,0 +1,130 @@
+package replicator
+
+import (
+	"bytes"
+	"slices"
+	"strconv"
+	"testing"
+
+	"github.com/xdcr/xdcr/replicator/change"
+)
+
+func TestSupersede(t *testing.T) {
+	whole := func(id, row string) stmt { return stmt{sql: id, rows: 1, row: row, whole: true} }
+	touch := func(id, row string) stmt { return stmt{sql: id, rows: 1, row: row} }
+	other := func(id string) stmt { return stmt{sql: id, rows: 1} }
+	truncate := func(id string) stmt { return stmt{sql: id, rows: -1, c: &change.Change{Op: change.Truncate}} }
+
+	cases := []struct {
+		name string
+		in   []stmt
+		want []string
+	}{
+		{"hot rows keep their last update",
+			[]stmt{other("pos"), whole("u1", "a"), whole("u2", "b"), other("outbox"), whole("u3", "a"), whole("u4", "a"), whole("u5", "b")},
+			[]string{"pos", "outbox", "u4", "u5"}},
+		{"a partial update in between keeps the earlier one",
+			[]stmt{whole("u1", "a"), touch("p2", "a"), whole("u3", "a")},
+			[]string{"u1", "p2", "u3"}},
+		{"delete and insert in between keep it",
+			[]stmt{whole("u1", "a"), touch("d2", "a"), touch("i3", "a"), whole("u4", "a")},
+			[]string{"u1", "d2", "i3", "u4"}},
+		{"an insert before the updates stays",
+			[]stmt{touch("i1", "a"), whole("u2", "a"), whole("u3", "a")},
+			[]string{"i1", "u3"}},
+		{"a truncate in between keeps it",
+			[]stmt{whole("u1", "a"), truncate("t2"), whole("u3", "a")},
+			[]string{"u1", "t2", "u3"}},
+		{"updates of rows on tables that do not allow it stay",
+			[]stmt{other("u1"), other("u2")},
+			[]string{"u1", "u2"}},
+		{"only the last of a run before a barrier is dropped against the run after",
+			[]stmt{whole("u1", "a"), whole("u2", "a"), touch("p3", "a"), whole("u4", "a"), whole("u5", "a")},
+			[]string{"u2", "p3", "u5"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []string
+			for _, s := range supersede(slices.Clone(tc.in)) {
+				got = append(got, s.sql)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("supersede kept %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRowName(t *testing.T) {
+	tg := &target{table: Table{Schema: "public", Name: "t"}, keys: []int{0, 2}}
+	v := func(s string) change.Value { return change.Value{Kind: change.Text, Data: []byte(s)} }
+	a := rowName(tg, []change.Value{v("1"), v("x"), v("23")})
+	if b := rowName(tg, []change.Value{v("1"), v("y"), v("23")}); a != b {
+		t.Fatalf("same key, other non-key value: %q != %q", a, b)
+	}
+	// keys that concatenate to the same text must not collide
+	if b := rowName(tg, []change.Value{v("12"), v("x"), v("3")}); a == b {
+		t.Fatalf("different keys named the same row %q", a)
+	}
+	if b := rowName(&target{table: Table{Schema: "public", Name: "u"}, keys: []int{0, 2}}, []change.Value{v("1"), v("x"), v("23")}); a == b {
+		t.Fatalf("same key in another table named the same row %q", a)
+	}
+}
+
+func TestGatherAndSplit(t *testing.T) {
+	a := &target{table: Table{Schema: "public", Name: "a"}}
+	b := &target{table: Table{Schema: "public", Name: "b"}}
+	ins := func(tg *target, row string) stmt { return stmt{sql: "i" + row, rows: 1, row: row, copy: tg} }
+	upd := func(row string) stmt { return stmt{sql: "u" + row, rows: 1, row: row, whole: true} }
+	var in []stmt
+	in = append(in, stmt{sql: "pos"})
+	for i := range 10 {
+		r := strconv.Itoa(i)
+		in = append(in, ins(a, "a"+r), upd("x"+r), ins(b, "b"+r))
+	}
+	// a row inserted and then updated stays where it is, so do the rows
+	// after a truncate
+	in = append(in, ins(a, "a99"), upd("a99"), stmt{sql: "trunc", c: &change.Change{Op: change.Truncate}}, ins(a, "a100"))
+	out := gather(slices.Clone(in))
+	var got []string
+	for _, s := range out {
+		got = append(got, s.sql)
+	}
+	// ia9 is a's last movable insert and ib9 b's: each table's inserts
+	// land where its last one was, so all of a's come before x9's update
+	want := []string{"pos", "ux0", "ux1", "ux2", "ux3", "ux4", "ux5", "ux6", "ux7", "ux8"}
+	for i := range 10 {
+		want = append(want, "ia"+strconv.Itoa(i))
+	}
+	want = append(want, "ux9")
+	for i := range 10 {
+		want = append(want, "ib"+strconv.Itoa(i))
+	}
+	want = append(want, "ia99", "ua99", "trunc", "ia100")
+	if !slices.Equal(got, want) {
+		t.Fatalf("gather:\n got %v\nwant %v", got, want)
+	}
+	if len(out) != len(in) {
+		t.Fatalf("gather returned %d statements for %d", len(out), len(in))
+	}
+	var sizes []int
+	for _, p := range split(out) {
+		sizes = append(sizes, len(p))
+	}
+	if want := []int{10, 10, 1, 10, 4}; !slices.Equal(sizes, want) {
+		t.Fatalf("split into parts of %v, want %v", sizes, want)
+	}
+}
+
+func TestAppendCopyRow(t *testing.T) {
+	var buf bytes.Buffer
+	appendCopyRow(&buf, []change.Value{
+		{Kind: change.Text, Data: []byte("a\tb\nc\rd\\e")},
+		{Kind: change.Null},
+		{Kind: change.Text, Data: []byte(`\N`)},
+		{Kind: change.Text, Data: []byte("")},
+	})
+	if got, want := buf.String(), "a\\tb\\nc\\rd\\\\e\t\\N\t\\\\N\t\n"; got != want {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+}
