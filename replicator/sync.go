@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -40,10 +41,11 @@ type SyncConfig struct {
 	// table added to a running cluster): the site's position is kept, and
 	// apply skips the copied tables' changes that the copy holds.
 	Partial bool
-	// Parallel is the number of copy workers; 0 means 4.
+	// Parallel is the number of copy workers; 0 means one per CPU (at
+	// least 2).
 	Parallel int
-	// ChunkRows splits tables with a single integer primary key into key
-	// ranges of about this many rows; 0 means 250,000.
+	// ChunkRows splits larger tables into ranges of heap blocks of about
+	// this many rows; 0 means 250,000.
 	ChunkRows int64
 }
 
@@ -109,7 +111,7 @@ func (e *SchemaMismatchError) Error() string {
 //     consistent point C, and the change stream holds all of them (it is
 //     fed by the capture's own slot) with their commit LSNs.
 //  3. Workers import that snapshot and copy the tables with binary COPY,
-//     large ones in primary key ranges, in parallel.
+//     large ones in ranges of heap blocks, in parallel.
 //  4. One transaction marks the tables ready at C and, for a full sync,
 //     sets the site's position to C-1 in the primary's epoch: apply then
 //     skips the transactions the copy holds and applies every later one.
@@ -118,7 +120,7 @@ func (e *SchemaMismatchError) Error() string {
 // and is simply run again: it starts over.
 func Sync(ctx context.Context, cfg SyncConfig, progress SyncProgress, log *slog.Logger) (SyncResult, error) {
 	if cfg.Parallel <= 0 {
-		cfg.Parallel = 4
+		cfg.Parallel = max(2, runtime.NumCPU())
 	}
 	if cfg.ChunkRows <= 0 {
 		cfg.ChunkRows = 250_000
@@ -143,7 +145,6 @@ type tablePlan struct {
 	recreate bool  // an interrupted sync created it: drop it and start over
 	rows     int64 // estimated
 	bytes    int64
-	chunks   []keyRange
 	textCopy bool // a type whose binary form names OIDs: copy as text
 	copied   struct {
 		sync.Mutex
@@ -153,9 +154,6 @@ type tablePlan struct {
 	started  time.Time
 	finished time.Time
 }
-
-// keyRange is [lo, hi) of a single integer key; nil bounds are open.
-type keyRange struct{ lo, hi *int64 }
 
 func (s *syncRun) close(ctx context.Context) {
 	for _, c := range []*pgx.Conn{s.srcMeta, s.tgt, s.tgtMeta} {
@@ -500,13 +498,19 @@ func (s *syncRun) newWorker(ctx context.Context, snapshot string) (*copyWorker, 
 
 type copyTask struct {
 	plan *tablePlan
-	rng  keyRange
+	rng  blockRange
 }
 
-// tasks splits the tables: one task per table, or per key range for large
-// tables with a single integer primary key.
+// tasks splits the tables: one task per table, or per range of heap
+// blocks for tables larger than ChunkRows rows (a TID range scan reads
+// each block once, where ranges of a key would each need an index scan or
+// a filtered scan of the whole table). Every task reads the same exported
+// snapshot, so the ranges partition exactly the rows it sees; the last
+// range is open-ended. The tasks of different tables alternate, so that
+// workers running at the same time mostly fill different tables (writers
+// of one table queue on extending it).
 func (s *syncRun) tasks(ctx context.Context, w *copyWorker) ([]copyTask, error) {
-	var tasks []copyTask
+	var perTable [][]copyTask
 	for _, p := range s.plans {
 		p.started = time.Now()
 		if p.rows == 0 && p.bytes > 0 {
@@ -516,56 +520,68 @@ func (s *syncRun) tasks(ctx context.Context, w *copyWorker) ([]copyTask, error) 
 			}
 		}
 		s.progress.Start(p.def.Table.String(), p.rows, p.bytes)
-		ranges := []keyRange{{}}
-		if p.rows > s.cfg.ChunkRows && len(p.def.PrimaryKey) == 1 && s.integerKey(p) {
-			var lo, hi *int64
-			key := pgx.Identifier{p.def.PrimaryKey[0]}.Sanitize()
-			if err := w.src.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s", key, key, p.def.Table.Quoted())).
-				Scan(&lo, &hi); err != nil {
-				return nil, fmt.Errorf("primary: key range of %s: %w", p.def.Table, err)
+		ranges := []blockRange{{}}
+		if p.rows > s.cfg.ChunkRows {
+			var blocks int64
+			if err := w.src.QueryRow(ctx, "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint",
+				p.def.Table.Quoted()).Scan(&blocks); err != nil {
+				return nil, fmt.Errorf("primary: size of %s: %w", p.def.Table, err)
 			}
-			if lo != nil && hi != nil {
-				ranges = splitRange(*lo, *hi, (p.rows+s.cfg.ChunkRows-1)/s.cfg.ChunkRows)
-			}
+			ranges = splitBlocks(blocks, (p.rows+s.cfg.ChunkRows-1)/s.cfg.ChunkRows)
 		}
-		p.chunks = ranges
 		p.copied.left = len(ranges)
+		tasks := make([]copyTask, 0, len(ranges))
 		for _, r := range ranges {
 			tasks = append(tasks, copyTask{plan: p, rng: r})
 		}
+		perTable = append(perTable, tasks)
+	}
+	var tasks []copyTask
+	for i := 0; len(perTable) > 0; i++ {
+		rest := perTable[:0]
+		for _, ts := range perTable {
+			tasks = append(tasks, ts[0])
+			if len(ts) > 1 {
+				rest = append(rest, ts[1:])
+			}
+		}
+		perTable = rest
 	}
 	return tasks, nil
 }
 
-func (s *syncRun) integerKey(p *tablePlan) bool {
-	for _, c := range p.def.Columns {
-		if c.Name == p.def.PrimaryKey[0] {
-			switch c.Type {
-			case "smallint", "integer", "bigint":
-				return true
-			}
-		}
+// blockRange is the rows in heap blocks [lo, hi); a zero bound is open.
+type blockRange struct{ lo, hi int64 }
+
+// splitBlocks cuts a table of blocks heap blocks into n ranges, the last
+// one open-ended (the table may have grown since it was measured: rows in
+// new blocks are not in the snapshot, but the scan must not rely on that).
+func splitBlocks(blocks, n int64) []blockRange {
+	if n <= 1 || blocks < n {
+		return []blockRange{{}}
 	}
-	return false
+	step := blocks / n
+	out := make([]blockRange, 0, n)
+	for i := range n {
+		r := blockRange{lo: i * step, hi: (i + 1) * step}
+		if i == n-1 {
+			r.hi = 0
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
-// splitRange cuts [lo, hi] into n ranges, the first and last open-ended.
-func splitRange(lo, hi, n int64) []keyRange {
-	if n <= 1 || hi <= lo {
-		return []keyRange{{}}
+// where is the range's condition on ctid, or "" for the whole table.
+func (r blockRange) where() string {
+	var conds []string
+	if r.lo > 0 {
+		conds = append(conds, fmt.Sprintf("ctid >= '(%d,0)'::tid", r.lo))
 	}
-	step := (hi - lo) / n
-	if step < 1 {
-		step = 1
+	if r.hi > 0 {
+		conds = append(conds, fmt.Sprintf("ctid < '(%d,0)'::tid", r.hi))
 	}
-	var out []keyRange
-	var prev *int64
-	for b := lo + step; b <= hi && int64(len(out)) < n-1; b += step {
-		bound := b
-		out = append(out, keyRange{lo: prev, hi: &bound})
-		prev = &bound
-	}
-	return append(out, keyRange{lo: prev})
+	return strings.Join(conds, " AND ")
 }
 
 // copyTask copies one table or key range with COPY … TO STDOUT on the
@@ -583,16 +599,8 @@ func (s *syncRun) copyTask(ctx context.Context, w *copyWorker, t copyTask) error
 		format = "text"
 	}
 	src := fmt.Sprintf("COPY %s (%s) TO STDOUT (FORMAT %s)", tbl.Quoted(), list, format)
-	if t.rng.lo != nil || t.rng.hi != nil {
-		key := pgx.Identifier{p.def.PrimaryKey[0]}.Sanitize()
-		var where []string
-		if t.rng.lo != nil {
-			where = append(where, fmt.Sprintf("%s >= %d", key, *t.rng.lo))
-		}
-		if t.rng.hi != nil {
-			where = append(where, fmt.Sprintf("%s < %d", key, *t.rng.hi))
-		}
-		src = fmt.Sprintf("COPY (SELECT %s FROM %s WHERE %s) TO STDOUT (FORMAT %s)", list, tbl.Quoted(), strings.Join(where, " AND "), format)
+	if where := t.rng.where(); where != "" {
+		src = fmt.Sprintf("COPY (SELECT %s FROM %s WHERE %s) TO STDOUT (FORMAT %s)", list, tbl.Quoted(), where, format)
 	}
 	dst := fmt.Sprintf("COPY %s (%s) FROM STDIN (FORMAT %s)", tbl.Quoted(), list, format)
 

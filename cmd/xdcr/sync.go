@@ -46,8 +46,8 @@ with the difference and the fix. Existing tables are emptied and refilled.
 
 The copy reads one snapshot of the primary, taken through a temporary
 logical replication slot whose consistent point orders it against the
-stream, with binary COPY and several workers (large tables split by
-primary key ranges); the primary keeps taking writes. While it runs, the
+stream, with binary COPY and several workers (large tables split into ranges of
+heap blocks); the primary keeps taking writes. While it runs, the
 site's agent (if running) waits on the tables being copied and reports
 "syncing". An interrupted sync leaves SITE waiting and can simply be run
 again: it starts over.
@@ -69,8 +69,8 @@ streaming the others (a table newly added to tables:).`,
 	}
 	cmd.Flags().StringVarP(&o.config, "config", "c", "", "the cluster's config file (YAML)")
 	cmd.Flags().StringSliceVar(&o.tables, "table", nil, "copy only this table (repeatable; schema.table)")
-	cmd.Flags().IntVar(&o.parallel, "parallel", 4, "copy workers")
-	cmd.Flags().Int64Var(&o.chunkRows, "chunk-rows", 250000, "split tables with an integer key into ranges of about this many rows")
+	cmd.Flags().IntVar(&o.parallel, "parallel", 0, "copy workers (default one per CPU, at least 2)")
+	cmd.Flags().Int64Var(&o.chunkRows, "chunk-rows", 250000, "split larger tables into ranges of heap blocks of about this many rows")
 	mustRequire(cmd, "config")
 	return cmd
 }
