@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"strconv"
-	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
 
@@ -285,16 +284,19 @@ const dropRow = -2
 
 // rowName names the row whose identity columns hold vals, for supersede.
 func rowName(t *target, vals []change.Value) string {
-	var b strings.Builder
-	b.WriteString(t.table.Schema)
-	b.WriteByte(0)
-	b.WriteString(t.table.Name)
+	n := len(t.table.Schema) + 1 + len(t.table.Name)
 	for _, k := range t.keys {
-		b.WriteByte(0)
-		b.WriteByte(byte(vals[k].Kind))
-		b.WriteString(strconv.Itoa(len(vals[k].Data)))
-		b.WriteByte(':')
-		b.Write(vals[k].Data)
+		n += 8 + len(vals[k].Data)
 	}
-	return b.String()
+	b := make([]byte, 0, n)
+	b = append(b, t.table.Schema...)
+	b = append(b, 0)
+	b = append(b, t.table.Name...)
+	for _, k := range t.keys {
+		b = append(b, 0, byte(vals[k].Kind))
+		b = strconv.AppendInt(b, int64(len(vals[k].Data)), 10)
+		b = append(b, ':')
+		b = append(b, vals[k].Data...)
+	}
+	return string(b)
 }
