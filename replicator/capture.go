@@ -433,7 +433,7 @@ type captureSession struct {
 
 	confirmed change.LSN // what the slot may advance to: everything up to it is stored in the stream
 	seenEnd   change.LSN // end of the last commit (or keepalive position) processed
-	received  change.LSN // start of the last WAL data message read
+	received  change.LSN // how far the walsender has read the WAL, as far as its messages tell
 	published change.LSN // commit LSN of the last transaction handed to the publisher
 
 	// the run of whole transactions waiting to be published
@@ -556,6 +556,9 @@ func (s *captureSession) handleCopyData(ctx context.Context, data []byte) error 
 		if s.cur == nil {
 			s.seenEnd = max(s.seenEnd, change.LSN(ka.ServerWALEnd))
 		}
+		// the walsender has read the WAL up to here (other databases'
+		// writes too): the stream is not behind by what it skipped
+		s.received = max(s.received, change.LSN(ka.ServerWALEnd))
 		if ka.ReplyRequested {
 			return s.sendStatus(ctx, false)
 		}
