@@ -520,7 +520,10 @@ func (s *captureSession) loop(ctx context.Context) error {
 		// no context per message: a timer for each would cost more than
 		// decoding it
 		if err := s.sock.ReadBy(now, deadline); err != nil {
-			return ctx.Err()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("replication connection: %w", err)
 		}
 		raw, err := s.repl.ReceiveMessage(context.Background())
 		if err != nil {
