@@ -48,7 +48,10 @@ type CaptureConfig struct {
 	FlushInterval time.Duration
 	// StatusInterval is the cadence of standby status updates to PostgreSQL.
 	StatusInterval time.Duration
-	// MaxInFlight bounds unacknowledged publishes.
+	// MaxInFlight bounds unacknowledged publishes; their size is bounded
+	// too (maxInFlightBytes), because the client keeps each until its
+	// acknowledgement and a large transaction's chunks are MaxBatchBytes
+	// each.
 	MaxInFlight int
 	// HeartbeatInterval is how often an idle capture publishes a heartbeat,
 	// so replicas can tell "idle" from "stalled".
@@ -250,6 +253,9 @@ func (c *Capture) session(ctx context.Context) error {
 const (
 	// defaultReadGulp is CaptureConfig.ReadGulp's default.
 	defaultReadGulp = 2 * time.Millisecond
+	// maxInFlightBytes bounds the unacknowledged publishes by size (as
+	// changeSize counts it); one publish always goes.
+	maxInFlightBytes = 32 << 20
 	// catchUpLag is how far behind the source's WAL end (sampled at each
 	// status report) the stream must be for reads to be gathered (see
 	// streamConn); a commit decoded within freshCommit of its time ends
@@ -449,6 +455,7 @@ type captureSession struct {
 	skip      bool   // cur is already in the stream
 
 	inflight    []inflight
+	flying      int // bytes of the inflight publishes
 	acked       change.Txn // header of the last transaction the stream acknowledged
 	lastPublish time.Time  // when anything was last handed to the publisher
 }
@@ -459,6 +466,7 @@ type inflight struct {
 	last    change.Txn // header of the batch's last complete transaction (zero if none)
 	txns    int        // complete transactions in the batch
 	changes int
+	bytes   int // size of the batch's changes
 }
 
 func (s *captureSession) loop(ctx context.Context) error {
@@ -646,12 +654,13 @@ func (s *captureSession) publishChunk(ctx context.Context, final bool, endLSN ch
 		Txns:   []change.Txn{*s.cur},
 		Chunk:  &change.Chunk{Index: s.curChunks, Final: final},
 	}
-	s.cur.Changes, s.curBytes = nil, 0
+	s.cur.Changes = nil
 	s.curChunks++
 	var (
 		confirm change.LSN
-		f       = inflight{changes: len(b.Txns[0].Changes)}
+		f       = inflight{changes: len(b.Txns[0].Changes), bytes: s.curBytes}
 	)
+	s.curBytes = 0
 	if final {
 		confirm = endLSN
 		s.published = s.cur.LSN
@@ -665,7 +674,7 @@ func (s *captureSession) flushRun(ctx context.Context) error {
 		return nil
 	}
 	b := &change.Batch{Origin: s.cfg.Site, Epoch: s.cfg.Epoch, Txns: s.run}
-	f := inflight{last: header(&s.run[len(s.run)-1]), txns: len(s.run)}
+	f := inflight{last: header(&s.run[len(s.run)-1]), txns: len(s.run), bytes: s.runBytes}
 	for i := range s.run {
 		f.changes += len(s.run[i].Changes)
 	}
@@ -680,7 +689,7 @@ func (s *captureSession) publish(ctx context.Context, b *change.Batch, confirm c
 	if s.lease != nil && !s.lease.Valid() {
 		return ErrLeaseLost
 	}
-	for len(s.inflight) >= s.cfg.MaxInFlight {
+	for len(s.inflight) >= s.cfg.MaxInFlight || len(s.inflight) > 0 && s.flying+f.bytes > maxInFlightBytes {
 		if err := s.reapAcks(ctx, true); err != nil {
 			return err
 		}
@@ -691,6 +700,7 @@ func (s *captureSession) publish(ctx context.Context, b *change.Batch, confirm c
 	}
 	f.done, f.confirm = done, confirm
 	s.inflight = append(s.inflight, f)
+	s.flying += f.bytes
 	s.lastPublish = time.Now()
 	return nil
 }
@@ -726,6 +736,7 @@ func (s *captureSession) reapAcks(ctx context.Context, block bool) error {
 		if head.txns > 0 || head.changes > 0 {
 			s.obs.Published(head.txns, head.changes)
 		}
+		s.flying -= head.bytes
 		s.inflight[0] = inflight{}
 		s.inflight = s.inflight[1:]
 	}

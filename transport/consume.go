@@ -5,23 +5,38 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/xdcr/xdcr/internal/wait"
 	"github.com/xdcr/xdcr/replicator/change"
 )
 
 // Subscriber reads change streams from the local JetStream domain.
+//
+// What it holds for a slow reader is bounded in bytes, not messages: a
+// message is anything from a heartbeat to a chunk of a large transaction
+// (capture.max_batch_bytes), and a thousand of the latter would be a
+// gigabyte.
 type Subscriber struct {
 	js jetstream.JetStream
-	// Buffer is how many decoded messages may wait for the reader.
-	Buffer int
+	// Prefetch bounds the raw messages the client library fetches ahead
+	// (at least twice the server's max_payload is used).
+	Prefetch int
+	// Decoded bounds the decoded messages waiting for the reader, counted
+	// by their encoded size; one message always fits.
+	Decoded int
 }
 
 // NewSubscriber returns a subscriber on js.
 func NewSubscriber(js jetstream.JetStream) *Subscriber {
-	return &Subscriber{js: js, Buffer: 512}
+	return &Subscriber{js: js, Prefetch: 32 << 20, Decoded: 16 << 20}
 }
+
+// subscriberBuffer is the channel capacity: enough small messages (a
+// pgbench transaction is ~1 KiB encoded) to keep a grouping reader fed.
+const subscriberBuffer = 1024
 
 // ErrStreamBehind means a stream holds fewer messages than the reader has
 // already consumed: it was recreated, or lost data.
@@ -54,11 +69,13 @@ func (s *Subscriber) Subscribe(ctx context.Context, stream string, afterSeq uint
 	if err != nil {
 		return nil, nil, fmt.Errorf("consume stream %s: %w", stream, err)
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(s.Buffer))
+	prefetch := max(s.Prefetch, 2*int(s.js.Conn().MaxPayload()))
+	it, err := cons.Messages(jetstream.PullMaxBytes(prefetch))
 	if err != nil {
 		return nil, nil, fmt.Errorf("consume stream %s: %w", stream, err)
 	}
-	out := make(chan change.Delivery, s.Buffer)
+	out := make(chan change.Delivery, subscriberBuffer)
+	queued := &queuedBytes{limit: s.Decoded}
 	runCtx, cancel := context.WithCancel(ctx)
 	var (
 		wg      sync.WaitGroup
@@ -82,9 +99,13 @@ func (s *Subscriber) Subscribe(ctx context.Context, stream string, afterSeq uint
 				return
 			}
 			d := change.Delivery{Seq: md.Sequence.Stream, Size: len(msg.Data())}
+			if err := queued.wait(runCtx, func() int { return len(out) }, d.Size); err != nil {
+				return
+			}
 			d.Batch, d.Err = Decode(msg.Data())
 			select {
 			case out <- d:
+				queued.add(d.Size)
 			case <-runCtx.Done():
 				return
 			}
@@ -100,4 +121,39 @@ func (s *Subscriber) Subscribe(ctx context.Context, stream string, afterSeq uint
 		return failure
 	}
 	return out, stop, nil
+}
+
+// queuedBytes bounds the bytes of the messages in a delivery channel
+// without the reader's help: the channel holds the last len(ch) messages
+// sent, and a ring of running totals over the last cap(ch) sends gives
+// their size.
+type queuedBytes struct {
+	limit int
+	sent  int                       // messages sent
+	total [subscriberBuffer + 1]int // total[k % len] = bytes of the first k messages sent
+}
+
+// wait returns once a message of size fits beside the messages still in
+// the channel (or the channel is empty), polling while the reader is busy.
+func (q *queuedBytes) wait(ctx context.Context, queued func() int, size int) error {
+	for {
+		n := queued()
+		if n == 0 || q.inChannel(n)+size <= q.limit {
+			return nil
+		}
+		if err := wait.Sleep(ctx, time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+func (q *queuedBytes) inChannel(n int) int {
+	const l = subscriberBuffer + 1
+	return q.total[q.sent%l] - q.total[(q.sent-min(n, q.sent))%l]
+}
+
+func (q *queuedBytes) add(size int) {
+	const l = subscriberBuffer + 1
+	q.total[(q.sent+1)%l] = q.total[q.sent%l] + size
+	q.sent++
 }

@@ -52,7 +52,7 @@ func runBatch(origin string, lsns ...change.LSN) *change.Batch {
 	return b
 }
 
-func wait(t *testing.T, done <-chan error) error {
+func waitAck(t *testing.T, done <-chan error) error {
 	t.Helper()
 	select {
 	case err := <-done:
@@ -91,7 +91,7 @@ func TestStreamsPublishSubscribe(t *testing.T) {
 		acks = append(acks, done)
 	}
 	for _, a := range acks {
-		if err := wait(t, a); err != nil {
+		if err := waitAck(t, a); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -149,7 +149,7 @@ func TestPublisherRefusesGaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	done, err := pub.Publish(ctx, runBatch("dc-a", 10))
-	if err != nil || wait(t, done) != nil {
+	if err != nil || waitAck(t, done) != nil {
 		t.Fatalf("publish: %v", err)
 	}
 	if _, err := js[0].Publish(ctx, Subject("shop", "dc-a"), []byte("junk")); err != nil {
@@ -159,7 +159,7 @@ func TestPublisherRefusesGaps(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := wait(t, done); err == nil {
+	if err := waitAck(t, done); err == nil {
 		t.Fatal("a publish after a foreign message was stored; want it refused (wrong last sequence)")
 	}
 	last, err := pub.Resume(ctx, 1)
@@ -167,7 +167,7 @@ func TestPublisherRefusesGaps(t *testing.T) {
 		t.Fatalf("resume: got %v, %v; want the batch ending at LSN 10", last, err)
 	}
 	done, err = pub.Publish(ctx, runBatch("dc-a", 20))
-	if err != nil || wait(t, done) != nil {
+	if err != nil || waitAck(t, done) != nil {
 		t.Fatalf("publish after resume: %v", err)
 	}
 	// a chunk published again after a restart is not dropped as a duplicate
@@ -182,8 +182,68 @@ func TestPublisherRefusesGaps(t *testing.T) {
 			t.Fatal(err)
 		}
 		done, err := pub.Publish(ctx, chunk())
-		if err != nil || wait(t, done) != nil {
+		if err != nil || waitAck(t, done) != nil {
 			t.Fatalf("publish chunk: %v", err)
+		}
+	}
+}
+
+// TestSubscriberBoundsBytes: a reader that does not keep up finds only as
+// many decoded messages waiting as fit in Subscriber.Decoded, and then
+// every message, in order.
+func TestSubscriberBoundsBytes(t *testing.T) {
+	sites, js := natsSites(t, 1)
+	ctx := t.Context()
+	names := sites.Names()
+	if err := EnsureStreams(ctx, js[0], "shop", names[0], names, StreamSettings{MaxAge: time.Hour, DuplicateWindow: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	pub := NewPublisher(js[0], "shop", names[0])
+	if _, err := pub.Resume(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	const msgs, size = 30, 300 << 10
+	big := make([]byte, size)
+	for i := range big {
+		big[i] = 'a' + byte(i%26)
+	}
+	var acks []<-chan error
+	for i := range msgs {
+		b := runBatch(names[0], change.LSN(100*i+10))
+		b.Txns[0].Changes[0].New[0].Data = big
+		if i > 0 {
+			b.Txns[0].PrevLSN = change.LSN(100*(i-1) + 10)
+		}
+		done, err := pub.Publish(ctx, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		acks = append(acks, done)
+	}
+	for _, a := range acks {
+		if err := waitAck(t, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sub := NewSubscriber(js[0])
+	sub.Decoded = 1 << 20
+	out, stop, err := sub.Subscribe(ctx, StreamName("shop", names[0]), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	time.Sleep(500 * time.Millisecond)
+	if n := len(out); n < 1 || n > 3 {
+		t.Fatalf("%d messages of %d KiB wait for the reader, want 1 to 3 (1 MiB)", n, size>>10)
+	}
+	for want := uint64(1); want <= msgs; want++ {
+		select {
+		case d := <-out:
+			if d.Err != nil || d.Seq != want || d.Batch.FirstLSN() != change.LSN(100*(want-1)+10) {
+				t.Fatalf("got seq %d err %v, want seq %d", d.Seq, d.Err, want)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("seq %d never arrived", want)
 		}
 	}
 }
