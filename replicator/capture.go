@@ -455,7 +455,7 @@ type captureSession struct {
 	skip      bool   // cur is already in the stream
 
 	inflight    []inflight
-	flying      int // bytes of the inflight publishes
+	flying      int        // bytes of the inflight publishes
 	acked       change.Txn // header of the last transaction the stream acknowledged
 	lastPublish time.Time  // when anything was last handed to the publisher
 }

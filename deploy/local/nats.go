@@ -152,6 +152,10 @@ func RenderNATSConfig(cfg NATSConfig) string {
 	b.WriteString("  # Do not pass interest learned from one leaf connection on to another:\n")
 	b.WriteString("  # without it the mesh's cycles trip leafnode loop detection.\n")
 	b.WriteString("  isolate_leafnode_interest: true\n")
+	b.WriteString("  # Do not advertise this listen address to soliciting servers: they would\n")
+	b.WriteString("  # add it to their reconnect pool and could bypass the URL configured in\n")
+	b.WriteString("  # their remote (a WAN proxy in the fault tests).\n")
+	b.WriteString("  no_advertise: true\n")
 	if sec.tls() {
 		sec.writeTLS(&b, "  ", true)
 	}

@@ -5,8 +5,10 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -17,13 +19,34 @@ import (
 	"github.com/xdcr/xdcr/deploy/faults"
 	"github.com/xdcr/xdcr/deploy/local"
 	"github.com/xdcr/xdcr/deploy/topology"
+	"github.com/xdcr/xdcr/internal/wait"
 	"github.com/xdcr/xdcr/replicator"
+	"github.com/xdcr/xdcr/replicator/change"
 )
 
 var (
 	flagDuration = flag.Duration("chaos.duration", 0, "TestChaos: how long the random schedule runs (0 skips it; make chaos DURATION=10m)")
 	flagSeed     = flag.Uint64("chaos.seed", 1, "seed of the schedule, the victims and the transfers (make chaos SEED=N)")
+	flagOnly     = flag.String("chaos.only", "", "TestNemeses and TestChaos: only these nemeses (comma-separated names)")
 )
+
+// nemeses returns the nemeses -chaos.only names, or every one.
+func nemeses(t *testing.T) []Nemesis {
+	t.Helper()
+	all := Nemeses()
+	if *flagOnly == "" {
+		return all
+	}
+	var out []Nemesis
+	for _, name := range strings.Split(*flagOnly, ",") {
+		i := slices.IndexFunc(all, func(n Nemesis) bool { return n.Name == strings.TrimSpace(name) })
+		if i < 0 {
+			t.Fatalf("-chaos.only: no nemesis %q", name)
+		}
+		out = append(out, all[i])
+	}
+	return out
+}
 
 // env is shared by the tests: three sites whose leaf links run through
 // the WAN's proxies, started once; each test runs a cluster of its own on
@@ -60,6 +83,10 @@ func run(m *testing.M) int {
 			"fsync":              "off",
 			"synchronous_commit": "on",
 			"max_connections":    "200",
+			// partition-primary reads the old primary's WAL after the
+			// handoff (pg_walinspect), which its capture slot may no
+			// longer hold
+			"wal_keep_size": "512MB",
 		},
 	})
 	if err != nil {
@@ -78,6 +105,13 @@ var clusterSeq atomic.Int32
 // traffic between sites routed through the WAN.
 func newEnv(t *testing.T) *Env {
 	t.Helper()
+	return newEnvOf(t, Tables, Schema)
+}
+
+// newEnvOf stands up a cluster of tables, created on every site with
+// schema, its agents' traffic between sites routed through the WAN.
+func newEnvOf(t *testing.T, tables []string, schema string) *Env {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("starts a cluster")
 	}
@@ -86,8 +120,8 @@ func newEnv(t *testing.T) *Env {
 	defer cancel()
 	c, err := topology.New(ctx, env.sites, topology.Options{
 		Cluster: name,
-		Tables:  Tables,
-		Schema:  Schema,
+		Tables:  tables,
+		Schema:  schema,
 		Binary:  env.binary,
 		Dir:     t.TempDir(),
 		WAN:     env.wan,
@@ -120,7 +154,7 @@ func newEnv(t *testing.T) *Env {
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatalf("wait ready: %v", err)
 	}
-	return NewEnv(env.sites, c, env.wan)
+	return NewEnv(env.sites, c, env.wan, env.binary)
 }
 
 func lastLines(s string, n int) string {
@@ -143,7 +177,7 @@ func logf(t *testing.T) func(string, ...any) {
 func TestNemeses(t *testing.T) {
 	e := newEnv(t)
 	SetHolds(3*time.Second, 10*time.Second)
-	rep, err := Run(t.Context(), e, Plan{Nemeses: Nemeses(), Seed: *flagSeed, Quiet: 2 * time.Second, Progress: logf(t)})
+	rep, err := Run(t.Context(), e, Plan{Nemeses: nemeses(t), Seed: *flagSeed, Quiet: 2 * time.Second, Progress: logf(t)})
 	if rep != nil {
 		t.Logf("\n%s", rep.Table())
 	}
@@ -166,7 +200,7 @@ func TestChaos(t *testing.T) {
 	}
 	e := newEnv(t)
 	SetHolds(5*time.Second, 30*time.Second)
-	rep, err := Run(t.Context(), e, Plan{Nemeses: Nemeses(), Duration: *flagDuration, Seed: *flagSeed, Quiet: 5 * time.Second, Progress: logf(t)})
+	rep, err := Run(t.Context(), e, Plan{Nemeses: nemeses(t), Duration: *flagDuration, Seed: *flagSeed, Quiet: 5 * time.Second, Progress: logf(t)})
 	if rep != nil {
 		fmt.Print(rep.Table())
 	}
@@ -187,9 +221,28 @@ func TestCheckersCatchPlantedFaults(t *testing.T) {
 	hist := newHistory()
 	cl := &clients{primary: e.Primary, hist: hist, op: 5 * time.Second}
 	wctx, cancel := context.WithTimeout(ctx, 4*time.Second)
+	// halfway, the primary's WAL position: a stand-in for a handoff
+	var (
+		midAt  time.Time
+		mid    change.LSN
+		midErr error
+	)
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		midErr = wait.Sleep(wctx, 2*time.Second)
+		midAt = time.Now()
+		if midErr == nil {
+			mid, midErr = walPosition(ctx, e.Cluster.DSN(e.Cluster.Config.Primary))
+		}
+	}()
 	cl.run(wctx, 2, *flagSeed)
 	cancel()
-	primary, err := waitConverged(ctx, e, 2*time.Minute)
+	<-read
+	if midErr != nil {
+		t.Fatal(midErr)
+	}
+	primary, err := waitConverged(ctx, e, 2*time.Minute, logf(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,4 +357,143 @@ func TestCheckersCatchPlantedFaults(t *testing.T) {
 	if f, _, _ := s2.Result(); f.PrefixViolations == 0 {
 		t.Errorf("a replica's log that went back went unnoticed")
 	}
+	checkWindowRules(t, ctx, e, hist, primary, dupSite, midAt, mid)
+}
+
+// The loss window of a forced failover excuses exactly the acknowledged
+// transactions it should: those the old primary acknowledged after the
+// window began and committed after the handoff (per its WAL), and nothing
+// else; and the divergence report check fails on a report that leaves
+// one out or lists one too many.
+func checkWindowRules(t *testing.T, ctx context.Context, e *Env, hist *History, primary, site string, midAt time.Time, mid change.LSN) {
+	t.Helper()
+	w := LossWindow{Site: primary, Epoch: 1, NewPrimary: site, Start: midAt, Barrier: mid, Handoff: mid}
+	all, err := e.readWindow(ctx, &w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(w.transfers) == 0 || len(w.events) == 0 {
+		t.Fatalf("nothing committed after %s: %s", mid, w)
+	}
+	t.Logf("a window from halfway: %s", w)
+	sent, _, _ := hist.snapshot()
+	var inside, before string
+	for _, id := range slices.Sorted(maps.Keys(sent)) {
+		tr := sent[id]
+		switch {
+		case tr.Outcome != Acked:
+		case inside == "" && w.holdsTransfer(id) && !tr.At.Before(midAt):
+			inside = id
+		case before == "" && tr.At.Before(midAt) && !w.holdsTransfer(id):
+			before = id
+		}
+	}
+	if inside == "" || before == "" {
+		t.Fatalf("no acknowledged transfer inside (%q) or before (%q) the window %s", inside, before, w)
+	}
+	withWindow := func(ws ...LossWindow) *History {
+		h := newHistory()
+		_, h.events, h.pending = hist.snapshot()
+		h.transfers = maps.Clone(sent)
+		h.AddWindows(ws...)
+		return h
+	}
+	lost := func(h *History) int {
+		t.Helper()
+		f, err := CheckSite(ctx, site, e.Cluster.DSN(site), h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f.Lost
+	}
+	base := lost(withWindow(w))
+	for _, id := range []string{inside, before} {
+		tr := sent[id]
+		conn, err := pgx.Connect(ctx, e.Cluster.DSN(site))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = conn.Exec(ctx, `SET session_replication_role = replica`)
+		if err == nil {
+			_, err = conn.Exec(ctx, `WITH d AS (DELETE FROM public.transfers WHERE id = $1)
+				UPDATE public.accounts SET balance = balance + CASE id WHEN $2 THEN $4::bigint ELSE -$4::bigint END WHERE id IN ($2, $3)`,
+				id, tr.Src, tr.Dst, tr.Amount)
+		}
+		conn.Close(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := lost(withWindow(w)) - base; n != 1 {
+		t.Errorf("with %s (in the window) and %s (acknowledged before it) missing, %d more lost; want 1", inside, before, n)
+	}
+	if n := lost(withWindow()) - base; n != 2 {
+		t.Errorf("without a window, %d more lost; want 2", n)
+	}
+	late := w
+	late.Start = sent[inside].At.Add(time.Millisecond)
+	if n := lost(withWindow(late)) - base; n != 2 {
+		t.Errorf("with %s acknowledged before the window began, %d more lost; want 2", inside, n)
+	}
+	other := w
+	other.Site = site
+	if n := lost(withWindow(other)) - base; n != 2 {
+		t.Errorf("with a window of another site, %d more lost; want 2", n)
+	}
+
+	// log rows a failover dropped
+	var in, out [2]int64
+	for k := range w.events {
+		in = k
+		break
+	}
+	out = [2]int64{in[0], 1}
+	if w.holdsEvent(int(out[0]), out[1]) {
+		t.Fatalf("the window holds client %d's first row", out[0])
+	}
+	h := withWindow(w)
+	h.dropped = []Dropped{
+		{Client: int(in[0]), Seq: in[1], Site: primary, At: midAt.Add(time.Second)},
+		{Client: int(out[0]), Seq: out[1], Site: primary, At: midAt.Add(time.Second)},
+	}
+	f, excused := CheckFailovers(h)
+	if f.Lost != 1 {
+		t.Errorf("of two dropped log rows, one outside the window: %d lost, want 1 (%v)", f.Lost, f.Problems)
+	}
+	if want := 1 + countIn(sent, w, midAt); excused != want {
+		t.Errorf("%d acknowledged transactions excused, want %d", excused, want)
+	}
+
+	// the divergence report
+	exact := maps.Clone(w.Commits)
+	if p := w.checkReport(exact, all, "report"); len(p) != 0 {
+		t.Errorf("an exact report has problems: %v", p)
+	}
+	if p := w.checkReport(nil, all, "report"); len(p) != len(w.Commits) {
+		t.Errorf("a missing report: %d problems, want %d", len(p), len(w.Commits))
+	}
+	extra := maps.Clone(exact)
+	extra[1] = mid // xid 1 never commits
+	short := maps.Clone(exact)
+	for x := range short {
+		delete(short, x)
+		break
+	}
+	if p := w.checkReport(extra, all, "report"); len(p) != 1 {
+		t.Errorf("a report with a transaction too many: %v", p)
+	}
+	if p := w.checkReport(short, all, "report"); len(p) != 1 {
+		t.Errorf("a report with a transaction left out: %v", p)
+	}
+}
+
+// countIn counts the acknowledged transfers w holds.
+func countIn(sent map[string]Transfer, w LossWindow, start time.Time) int {
+	n := 0
+	for id, tr := range sent {
+		if tr.Outcome == Acked && tr.Site == w.Site && !tr.At.Before(start) && w.holdsTransfer(id) {
+			n++
+		}
+	}
+	return n
 }

@@ -13,9 +13,10 @@ import (
 
 // Findings are what the checkers found wrong; the zero value is a pass.
 type Findings struct {
-	Lost             int // acknowledged transactions a site does not hold
+	Lost             int // acknowledged transactions a site does not hold (outside a forced failover's loss window)
 	Duplicated       int // effects a site holds more often than clients caused them, or that clients never caused
 	PrefixViolations int // samples or final states where a client's log was not a gap-free prefix 1..n, or went back
+	ReportErrors     int // transactions of a loss window an old primary's divergence report left out or got wrong
 	Problems         []string
 }
 
@@ -34,6 +35,7 @@ func (f *Findings) Merge(o Findings) {
 	f.Lost += o.Lost
 	f.Duplicated += o.Duplicated
 	f.PrefixViolations += o.PrefixViolations
+	f.ReportErrors += o.ReportErrors
 	for _, p := range o.Problems {
 		if len(f.Problems) < maxProblems {
 			f.Problems = append(f.Problems, p)
@@ -42,12 +44,15 @@ func (f *Findings) Merge(o Findings) {
 }
 
 // OK reports whether nothing was found.
-func (f Findings) OK() bool { return f.Lost == 0 && f.Duplicated == 0 && f.PrefixViolations == 0 }
+func (f Findings) OK() bool {
+	return f.Lost == 0 && f.Duplicated == 0 && f.PrefixViolations == 0 && f.ReportErrors == 0
+}
 
 // CheckSite checks one site's copy of the workloads' tables against the
 // history, once writes have stopped and the site has converged:
 //
-//   - every acknowledged transfer is there; none that was refused, or never
+//   - every acknowledged transfer is there, unless a forced failover lost it
+//     in its loss window ([LossWindow]); none that was refused, or never
 //     sent, is;
 //   - the balances add up to Accounts*Opening, and each account's balance
 //     is its opening plus the transfers into it minus those out of it;
@@ -66,6 +71,7 @@ func CheckSite(ctx context.Context, site, dsn string, h *History) (Findings, err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
 	sent, events, pending := h.snapshot()
+	_, windows := h.failovers()
 
 	// transfers
 	rows, err := tx.Query(ctx, `SELECT id, src, dst, amount FROM public.transfers`)
@@ -105,8 +111,8 @@ func CheckSite(ctx context.Context, site, dsn string, h *History) (Findings, err
 		return f, fmt.Errorf("check %s: %w", site, err)
 	}
 	for _, id := range slices.Sorted(maps.Keys(sent)) {
-		if sent[id].Outcome == Acked && !held[id] {
-			f.add(&f.Lost, "%s: acknowledged transfer %s is missing", site, id)
+		if t := sent[id]; t.Outcome == Acked && !held[id] && windowOf(windows, t.Site, t.At, func(w LossWindow) bool { return w.holdsTransfer(id) }) == nil {
+			f.add(&f.Lost, "%s: acknowledged transfer %s (%s at %s) is missing", site, id, t.Site, t.At.Format("15:04:05.000"))
 		}
 	}
 
@@ -232,9 +238,12 @@ func readLogs(ctx context.Context, q querier) (map[int]clientLog, error) {
 	return out, rows.Err()
 }
 
-// Target is a replica site the sampler reads.
+// Target is a replica site the sampler reads. Gen changes when the site
+// was re-seeded (after a forced failover): its log then starts a new
+// history, which need not reach as far as what the sampler saw before.
 type Target struct {
 	Site, DSN string
+	Gen       int
 }
 
 // Sampler checks consistent prefix on replicas while faults are active:
@@ -251,6 +260,7 @@ type Sampler struct {
 	samples  int
 	failures int
 	high     map[string]map[int]int64 // site -> client -> highest n seen
+	gen      map[string]int           // site -> Target.Gen of high[site]
 }
 
 // Run samples until ctx ends.
@@ -290,7 +300,7 @@ func (s *Sampler) Run(ctx context.Context) {
 				s.failed()
 				continue
 			}
-			s.Observe(r.Site, logs)
+			s.observe(r.Site, r.Gen, logs)
 		}
 	}
 }
@@ -303,15 +313,17 @@ func (s *Sampler) failed() {
 }
 
 // Observe checks one sample of site's logs.
-func (s *Sampler) Observe(site string, logs map[int]clientLog) {
+func (s *Sampler) Observe(site string, logs map[int]clientLog) { s.observe(site, 0, logs) }
+
+func (s *Sampler) observe(site string, gen int, logs map[int]clientLog) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.samples++
 	if s.high == nil {
-		s.high = map[string]map[int]int64{}
+		s.high, s.gen = map[string]map[int]int64{}, map[string]int{}
 	}
-	if s.high[site] == nil {
-		s.high[site] = map[int]int64{}
+	if s.high[site] == nil || s.gen[site] != gen {
+		s.high[site], s.gen[site] = map[int]int64{}, gen
 	}
 	for _, c := range slices.Sorted(maps.Keys(logs)) {
 		l := logs[c]
@@ -334,4 +346,50 @@ func (s *Sampler) Result() (Findings, int, int) {
 	f := s.f
 	f.Problems = slices.Clone(f.Problems)
 	return f, s.samples, s.failures
+}
+
+// windowOf returns the loss window that excuses the loss of a transaction
+// acknowledged by site at at, if in(w) says the window holds it: a window
+// of a failover away from site, that began no later than at. Nil: the
+// loss is real.
+func windowOf(ws []LossWindow, site string, at time.Time, in func(LossWindow) bool) *LossWindow {
+	for i := range ws {
+		if w := &ws[i]; w.Site == site && !at.Before(w.Start) && in(*w) {
+			return w
+		}
+	}
+	return nil
+}
+
+// CheckFailovers checks what the forced failovers dropped, once: every
+// log row a client had acknowledged that the next primary did not hold
+// must lie in that failover's loss window (else it is lost), and each old
+// primary's divergence report must list exactly the window's transactions.
+// It also returns how many acknowledged transactions (transfers and log
+// rows) the loss windows excused.
+func CheckFailovers(h *History) (Findings, int) {
+	var f Findings
+	sent, _, _ := h.snapshot()
+	dropped, windows := h.failovers()
+	excused := 0
+	for _, d := range dropped {
+		if windowOf(windows, d.Site, d.At, func(w LossWindow) bool { return w.holdsEvent(d.Client, d.Seq) }) == nil {
+			f.add(&f.Lost, "client %d's log row %d, acknowledged by %s at %s, was not on the next primary and is not in a loss window",
+				d.Client, d.Seq, d.Site, d.At.Format("15:04:05.000"))
+			continue
+		}
+		excused++
+	}
+	for _, id := range slices.Sorted(maps.Keys(sent)) {
+		t := sent[id]
+		if t.Outcome == Acked && windowOf(windows, t.Site, t.At, func(w LossWindow) bool { return w.holdsTransfer(id) }) != nil {
+			excused++
+		}
+	}
+	for _, w := range windows {
+		for _, p := range w.ReportProblems {
+			f.add(&f.ReportErrors, "%s", p)
+		}
+	}
+	return f, excused
 }

@@ -48,6 +48,10 @@ type Report struct {
 	Samples  int            // prefix samples taken on replicas
 	Failed   int            // samples that could not be taken (site down)
 	Converge time.Duration  // from the last heal until every site matched the primary
+	// Windowed are acknowledged transactions (transfers and log rows) that
+	// forced failovers lost in their loss windows, as DESIGN.md allows.
+	Windowed int
+	Windows  []LossWindow
 	Findings
 }
 
@@ -70,6 +74,7 @@ func Run(ctx context.Context, e *Env, p Plan) (*Report, error) {
 	if progress == nil {
 		progress = func(string, ...any) {}
 	}
+	e.logf = progress
 	rng := rand.New(rand.NewPCG(p.Seed, 0x5eed))
 	rep := &Report{Seed: p.Seed, Faults: map[string]int{}}
 	start := time.Now()
@@ -97,7 +102,7 @@ func Run(ctx context.Context, e *Env, p Plan) (*Report, error) {
 	}
 
 	progress("writes stopped: %d transfers acknowledged, %d in doubt, %d log rows; waiting for every site to match the primary", rep.Acked, rep.InDoubt, rep.Events)
-	primary, err := waitConverged(ctx, e, p.Converge)
+	primary, err := waitConverged(ctx, e, p.Converge, progress)
 	rep.Converge = time.Since(lastHeal)
 	if err != nil {
 		return rep, err
@@ -105,6 +110,14 @@ func Run(ctx context.Context, e *Env, p Plan) (*Report, error) {
 	sf, samples, failed := sampler.Result()
 	rep.Samples, rep.Failed = samples, failed
 	rep.Merge(sf)
+	rep.Windows = e.LossWindows()
+	for i, w := range rep.Windows {
+		rep.Windows[i].AckedAfterStart = hist.ackedBy(w.Site, w.Start)
+	}
+	hist.AddWindows(rep.Windows...)
+	ff, windowed := CheckFailovers(hist)
+	rep.Windowed = windowed
+	rep.Merge(ff)
 	for _, s := range e.Cluster.Config.SiteNames() {
 		f, err := CheckSite(ctx, s, e.Cluster.DSN(s), hist)
 		if err != nil {
@@ -171,12 +184,17 @@ func waitPrimary(ctx context.Context, e *Env) error {
 }
 
 // waitConverged waits until every site holds what the primary holds, row
-// for row, in every table, and returns the primary.
-func waitConverged(ctx context.Context, e *Env, timeout time.Duration) (string, error) {
+// for row, in every table, and returns the primary. Every 10 s it tells
+// progress what still differs.
+func waitConverged(ctx context.Context, e *Env, timeout time.Duration, progress func(string, ...any)) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var last error
-	for {
+	for said := time.Now(); ; {
+		if last != nil && time.Since(said) >= 10*time.Second {
+			progress("not converged yet: %v", last)
+			said = time.Now()
+		}
 		primary, _, err := e.Primary(ctx)
 		if err == nil {
 			if last = differs(ctx, e, primary); last == nil {
@@ -224,14 +242,23 @@ func (r *Report) Table() string {
 	tw.AppendRow(table.Row{"transfers in doubt (connection lost at commit)", r.InDoubt, ""})
 	tw.AppendRow(table.Row{"log rows acknowledged", r.Events, ""})
 	tw.AppendRow(table.Row{"prefix samples on replicas (failed: site down)", fmt.Sprintf("%d (%d)", r.Samples, r.Failed), ""})
+	if len(r.Windows) > 0 {
+		tw.AppendRow(table.Row{"acknowledged, lost in a forced failover's loss window", r.Windowed, ""})
+	}
 	tw.AppendSeparator()
 	tw.AppendRow(table.Row{"lost", r.Lost, 0})
 	tw.AppendRow(table.Row{"duplicated", r.Duplicated, 0})
 	tw.AppendRow(table.Row{"prefix violations", r.PrefixViolations, 0})
+	if len(r.Windows) > 0 {
+		tw.AppendRow(table.Row{"divergence report errors", r.ReportErrors, 0})
+	}
 	tw.AppendRow(table.Row{"time to converge after the last fault", r.Converge.Round(100 * time.Millisecond).String(), ""})
 	var b strings.Builder
 	b.WriteString(tw.Render())
 	b.WriteString("\n")
+	for _, w := range r.Windows {
+		b.WriteString("  loss window: " + w.String() + "\n")
+	}
 	for _, p := range r.Problems {
 		b.WriteString("  " + p + "\n")
 	}

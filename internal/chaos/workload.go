@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -87,20 +88,57 @@ type Transfer struct {
 	Src, Dst int
 	Amount   int64
 	Outcome  Outcome
+	Site     string    // the site it was sent to (the primary as Raft named it)
+	At       time.Time // when the client had its answer
+}
+
+// Dropped is a log row its client had acknowledged on Site at At, but that
+// the next primary did not hold when the client moved there: it was lost
+// in a forced failover, legitimately if it lies in the failover's loss
+// window (see [LossWindow]), else a real loss.
+type Dropped struct {
+	Client int
+	Seq    int64
+	Site   string
+	At     time.Time
 }
 
 // History is what the clients recorded: every transfer they sent and
-// its outcome, and for the log how far each client's acknowledged prefix
-// goes.
+// its outcome, for the log how far each client's acknowledged prefix
+// goes and which acknowledged rows a failover dropped, and the loss
+// windows of the forced failovers.
 type History struct {
 	mu        sync.Mutex
 	transfers map[string]Transfer
 	events    map[int]int64 // client -> highest acknowledged seq (1..n all acked)
 	pending   map[int]bool  // client -> its next seq was sent without an answer
+	dropped   []Dropped
+	windows   []LossWindow
 }
 
 func newHistory() *History {
 	return &History{transfers: map[string]Transfer{}, events: map[int]int64{}, pending: map[int]bool{}}
+}
+
+// drop records that client's acknowledged rows rows[i] (seq from+i) were
+// not on the primary it moved to, and that its log goes on after seq
+// from-1 there.
+func (h *History) drop(client int, from int64, rows []ackedRow) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, r := range rows {
+		h.dropped = append(h.dropped, Dropped{Client: client, Seq: from + int64(i), Site: r.site, At: r.at})
+	}
+	h.events[client] = from - 1
+	h.pending[client] = false
+}
+
+// AddWindows records the loss windows of forced failovers, for the
+// checkers.
+func (h *History) AddWindows(ws ...LossWindow) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.windows = append(h.windows, ws...)
 }
 
 func (h *History) transfer(id string, t Transfer) {
@@ -140,11 +178,31 @@ func (h *History) Counts() (acked, unknown, events int) {
 	return acked, unknown, events
 }
 
+// ackedBy counts the transfers site acknowledged from start on.
+func (h *History) ackedBy(site string, start time.Time) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, t := range h.transfers {
+		if t.Outcome == Acked && t.Site == site && !t.At.Before(start) {
+			n++
+		}
+	}
+	return n
+}
+
 // snapshot copies the history for the checkers.
 func (h *History) snapshot() (map[string]Transfer, map[int]int64, map[int]bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return maps.Clone(h.transfers), maps.Clone(h.events), maps.Clone(h.pending)
+}
+
+// failovers copies the dropped log rows and the loss windows.
+func (h *History) failovers() ([]Dropped, []LossWindow) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.dropped), slices.Clone(h.windows)
 }
 
 // PrimaryDSN names the database of the site that is the primary now.
@@ -175,13 +233,14 @@ func (c *clients) run(ctx context.Context, n int, seed uint64) {
 type session struct {
 	c    *clients
 	conn *pgx.Conn
+	site string // the site conn is to
 }
 
 func (s *session) get(ctx context.Context) *pgx.Conn {
 	if s.conn != nil {
 		return s.conn
 	}
-	_, dsn, err := s.c.primary(ctx)
+	site, dsn, err := s.c.primary(ctx)
 	if err != nil {
 		return nil
 	}
@@ -191,7 +250,7 @@ func (s *session) get(ctx context.Context) *pgx.Conn {
 	if err != nil {
 		return nil
 	}
-	s.conn = conn
+	s.conn, s.site = conn, site
 	return conn
 }
 
@@ -233,8 +292,9 @@ func (c *clients) ledger(ctx context.Context, id int, rng *rand.Rand) {
 		t := Transfer{Client: id, Src: rng.IntN(Accounts) + 1, Amount: rng.Int64N(50) + 1}
 		t.Dst = (t.Src+rng.IntN(Accounts-1))%Accounts + 1 // never Src
 		tid := fmt.Sprintf("c%d-%d", id, n)
+		t.Site = s.site
 		o, err := s.exec(ctx, transferSQL, tid, id, t.Src, t.Dst, t.Amount)
-		t.Outcome = o
+		t.Outcome, t.At = o, time.Now()
 		c.hist.transfer(tid, t)
 		if err != nil {
 			_ = wait.Sleep(ctx, 50*time.Millisecond)
@@ -244,13 +304,43 @@ func (c *clients) ledger(ctx context.Context, id int, rng *rand.Rand) {
 	}
 }
 
+// ackedRow is where and when a client's log row was acknowledged.
+type ackedRow struct {
+	site string
+	at   time.Time
+}
+
 // log appends client id's rows 1, 2, 3, … one transaction each, waiting
 // for every acknowledgement. A row in doubt is sent again: the primary key
 // refuses it if the first attempt committed, which settles the doubt.
+//
+// When the primary moves to another site, the client first asks the new
+// one how far its log goes there: after a forced failover the rows the old
+// primary acknowledged last may be missing (the loss window). Those are
+// recorded as dropped, for the checker to tell a loss the failover allows
+// from a real one, and the log goes on from the new primary's last row.
 func (c *clients) log(ctx context.Context, id int) {
 	s := &session{c: c}
 	defer s.drop()
+	var acked []ackedRow // acked[i]: row i+1
+	on := ""             // the site the log was last written to
 	for seq := int64(1); ctx.Err() == nil; {
+		if s.get(ctx) == nil {
+			_ = wait.Sleep(ctx, 100*time.Millisecond)
+			continue
+		}
+		if on != "" && on != s.site {
+			held, err := s.lastSeq(ctx, id)
+			if err != nil {
+				_ = wait.Sleep(ctx, 50*time.Millisecond)
+				continue
+			}
+			if n := int64(len(acked)); held < n {
+				c.hist.drop(id, held+1, acked[held:])
+				acked, seq = acked[:held], held+1
+			}
+		}
+		on = s.site
 		o, err := s.exec(ctx, `INSERT INTO public.events (client, seq) VALUES ($1, $2)`, id, seq)
 		var pgErr *pgconn.PgError
 		if o == Refused && errors.As(err, &pgErr) && pgErr.Code == "23505" {
@@ -261,10 +351,29 @@ func (c *clients) log(ctx context.Context, id int) {
 		}
 		c.hist.event(id, seq, o)
 		if o == Acked {
+			acked = append(acked, ackedRow{site: s.site, at: time.Now()})
 			seq++
 			_ = wait.Sleep(ctx, 2*time.Millisecond)
 			continue
 		}
 		_ = wait.Sleep(ctx, 50*time.Millisecond)
 	}
+}
+
+// lastSeq returns the highest seq of client id's log on the session's
+// site.
+func (s *session) lastSeq(ctx context.Context, id int) (int64, error) {
+	conn := s.get(ctx)
+	if conn == nil {
+		return 0, errors.New("no connection to the primary")
+	}
+	octx, cancel := context.WithTimeout(ctx, s.c.op)
+	defer cancel()
+	var n int64
+	err := conn.QueryRow(octx, `SELECT coalesce(max(seq), 0) FROM public.events WHERE client = $1`, id).Scan(&n)
+	if err != nil {
+		s.drop()
+		return 0, fmt.Errorf("read client %d's last row: %w", id, err)
+	}
+	return n, nil
 }
