@@ -188,30 +188,30 @@ func addColumnsSQL(t Table, cols []change.Column) string {
 // rows with unchanged TOAST values or NULL identity values get their own
 // prepared statement.
 
-// copySQL copies rows of the source's columns in COPY's text format.
-func (t *target) copySQL() string {
+// columns is "table (a, b, …)": the replica's table and the source's
+// columns, in the source's order.
+func (t *target) columns() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "COPY %s (", t.table.Quoted())
+	b.WriteString(t.table.Quoted())
+	b.WriteString(" (")
 	for i, c := range t.rel.Columns {
 		if i > 0 {
 			b.WriteString(", ")
 		}
 		b.WriteString(pgx.Identifier{c.Name}.Sanitize())
 	}
-	b.WriteString(") FROM STDIN")
+	b.WriteString(")")
 	return b.String()
 }
 
+// copySQL copies rows of the source's columns in COPY's text format.
+func (t *target) copySQL() string { return "COPY " + t.columns() + " FROM STDIN" }
+
 func (t *target) insertSQL() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "INSERT INTO %s (", t.table.Quoted())
-	for i, c := range t.rel.Columns {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteString(pgx.Identifier{c.Name}.Sanitize())
-	}
-	b.WriteString(") VALUES (")
+	b.WriteString("INSERT INTO ")
+	b.WriteString(t.columns())
+	b.WriteString(" VALUES (")
 	for i := range t.rel.Columns {
 		if i > 0 {
 			b.WriteString(", ")
