@@ -63,6 +63,24 @@ func waitAck(t *testing.T, done <-chan error) error {
 	}
 }
 
+// publishAll publishes batches and waits for every acknowledgement.
+func publishAll(t *testing.T, pub *Publisher, batches []*change.Batch) {
+	t.Helper()
+	var acks []<-chan error
+	for _, b := range batches {
+		done, err := pub.Publish(t.Context(), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		acks = append(acks, done)
+	}
+	for _, a := range acks {
+		if err := waitAck(t, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestStreamsPublishSubscribe: streams and mirrors are set up idempotently,
 // a batch published in dc-a arrives decoded through dc-b's mirror, and a
 // subscription resumes after a given sequence.
@@ -82,19 +100,11 @@ func TestStreamsPublishSubscribe(t *testing.T) {
 	if last, err := pub.Resume(ctx, 1); err != nil || last != nil {
 		t.Fatalf("resume on an empty stream: %v, %v", last, err)
 	}
-	var acks []<-chan error
+	var batches []*change.Batch
 	for i := range 5 {
-		done, err := pub.Publish(ctx, runBatch("dc-a", change.LSN(100*i+10), change.LSN(100*i+20)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		acks = append(acks, done)
+		batches = append(batches, runBatch("dc-a", change.LSN(100*i+10), change.LSN(100*i+20)))
 	}
-	for _, a := range acks {
-		if err := waitAck(t, a); err != nil {
-			t.Fatal(err)
-		}
-	}
+	publishAll(t, pub, batches)
 	mirror, err := js[1].Stream(ctx, StreamName("shop", "dc-a"))
 	if err != nil {
 		t.Fatal(err)
@@ -207,24 +217,16 @@ func TestSubscriberBoundsBytes(t *testing.T) {
 	for i := range big {
 		big[i] = 'a' + byte(i%26)
 	}
-	var acks []<-chan error
+	var batches []*change.Batch
 	for i := range msgs {
 		b := runBatch(names[0], change.LSN(100*i+10))
 		b.Txns[0].Changes[0].New[0].Data = big
 		if i > 0 {
 			b.Txns[0].PrevLSN = change.LSN(100*(i-1) + 10)
 		}
-		done, err := pub.Publish(ctx, b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		acks = append(acks, done)
+		batches = append(batches, b)
 	}
-	for _, a := range acks {
-		if err := waitAck(t, a); err != nil {
-			t.Fatal(err)
-		}
-	}
+	publishAll(t, pub, batches)
 	sub := NewSubscriber(js[0])
 	sub.Decoded = 1 << 20
 	out, stop, err := sub.Subscribe(ctx, StreamName("shop", names[0]), 0)
