@@ -31,22 +31,22 @@ func (w *applier) exec(ctx context.Context) error {
 		w.queued, w.mark = w.queued[:0], 0
 	}()
 	parts := split(queued)
-	if len(parts) == 1 {
-		return w.execBatch(ctx, parts[0])
+	if len(parts) == 1 && !parts[0].copy {
+		return w.execBatch(ctx, parts[0].stmts)
 	}
 	if w.chunk == nil {
 		// a group is one implicit transaction as long as it is one batch;
 		// with COPY in it, it needs an explicit one
 		seq, txn := queued[0].seq, queued[len(queued)-1].txn
-		parts = append([][]stmt{{{sql: "BEGIN", rows: -1, seq: seq, txn: txn}}}, parts...)
-		parts = append(parts, []stmt{{sql: "COMMIT", rows: -1, seq: seq, txn: txn}})
+		parts = append([]part{{stmts: []stmt{{sql: "BEGIN", rows: -1, seq: seq, txn: txn}}}}, parts...)
+		parts = append(parts, part{stmts: []stmt{{sql: "COMMIT", rows: -1, seq: seq, txn: txn}}})
 	}
-	for _, part := range parts {
+	for _, p := range parts {
 		var err error
-		if part[0].copy != nil && len(part) >= copyMin {
-			err = w.execCopy(ctx, part)
+		if p.copy {
+			err = w.execCopy(ctx, p.stmts)
 		} else {
-			err = w.execBatch(ctx, part)
+			err = w.execBatch(ctx, p.stmts)
 		}
 		if err != nil {
 			return err
@@ -55,10 +55,17 @@ func (w *applier) exec(ctx context.Context) error {
 	return nil
 }
 
+// part is a run of statements sent together: one pipelined batch, or one
+// COPY of inserts into a table.
+type part struct {
+	stmts []stmt
+	copy  bool
+}
+
 // split cuts queued into runs of at least copyMin inserts into one table
 // that can go as a COPY, and the statements between them.
-func split(queued []stmt) [][]stmt {
-	var parts [][]stmt
+func split(queued []stmt) []part {
+	var parts []part
 	start := 0
 	for i := 0; i < len(queued); {
 		t := queued[i].copy
@@ -73,13 +80,13 @@ func split(queued []stmt) [][]stmt {
 			continue
 		}
 		if start < i {
-			parts = append(parts, queued[start:i])
+			parts = append(parts, part{stmts: queued[start:i]})
 		}
-		parts = append(parts, queued[i:j])
+		parts = append(parts, part{stmts: queued[i:j], copy: true})
 		start, i = j, j
 	}
 	if start < len(queued) {
-		parts = append(parts, queued[start:])
+		parts = append(parts, part{stmts: queued[start:]})
 	}
 	return parts
 }

@@ -108,11 +108,33 @@ func TestGatherAndSplit(t *testing.T) {
 		t.Fatalf("gather returned %d statements for %d", len(out), len(in))
 	}
 	var sizes []int
+	var copies []bool
 	for _, p := range split(out) {
-		sizes = append(sizes, len(p))
+		sizes = append(sizes, len(p.stmts))
+		copies = append(copies, p.copy)
 	}
 	if want := []int{10, 10, 1, 10, 4}; !slices.Equal(sizes, want) {
 		t.Fatalf("split into parts of %v, want %v", sizes, want)
+	}
+	if want := []bool{false, true, false, true, false}; !slices.Equal(copies, want) {
+		t.Fatalf("split marked COPY parts %v, want %v", copies, want)
+	}
+}
+
+// TestSplitMixedPart: a part that is not a COPY run may begin with an
+// insert and be long; it must stay a batch (it was once sent as a COPY of
+// rows of several tables into the first one's).
+func TestSplitMixedPart(t *testing.T) {
+	a := &target{table: Table{Schema: "public", Name: "a"}}
+	b := &target{table: Table{Schema: "public", Name: "b"}}
+	var in []stmt
+	for i := range 10 {
+		r := strconv.Itoa(i)
+		in = append(in, stmt{sql: "ia" + r, copy: a}, stmt{sql: "ib" + r, copy: b})
+	}
+	parts := split(in)
+	if len(parts) != 1 || parts[0].copy || len(parts[0].stmts) != len(in) {
+		t.Fatalf("alternating inserts into two tables: %d parts (copy %v), want one batch", len(parts), parts[0].copy)
 	}
 }
 
