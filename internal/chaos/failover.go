@@ -466,43 +466,22 @@ func (e *Env) readWindow(ctx context.Context, w *LossWindow) (map[uint32]change.
 		w.Commits[uint32(x)] = all[uint32(x)]
 		return uint32(x), nil
 	}
-	rows, err = db.Query(ctx, `SELECT id, xmin::text FROM public.transfers WHERE xmin::text::bigint = ANY($1)`, xids)
-	if err != nil {
+	var (
+		id, xid     string
+		client, seq int64
+	)
+	rows, _ = db.Query(ctx, `SELECT id, xmin::text FROM public.transfers WHERE xmin::text::bigint = ANY($1)`, xids)
+	if _, err := pgx.ForEachRow(rows, []any{&id, &xid}, func() (err error) {
+		w.transfers[id], err = match(xid)
+		return err
+	}); err != nil {
 		return nil, fmt.Errorf("read %s's transfers: %w", w.Site, err)
 	}
-	for rows.Next() {
-		var id, xid string
-		err := rows.Scan(&id, &xid)
-		if err == nil {
-			w.transfers[id], err = match(xid)
-		}
-		if err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("read %s's transfers: %w", w.Site, err)
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("read %s's transfers: %w", w.Site, err)
-	}
-	rows, err = db.Query(ctx, `SELECT client, seq, xmin::text FROM public.events WHERE xmin::text::bigint = ANY($1)`, xids)
-	if err != nil {
-		return nil, fmt.Errorf("read %s's log: %w", w.Site, err)
-	}
-	for rows.Next() {
-		var client, seq int64
-		var xid string
-		err := rows.Scan(&client, &seq, &xid)
-		if err == nil {
-			w.events[[2]int64{client, seq}], err = match(xid)
-		}
-		if err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("read %s's log: %w", w.Site, err)
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+	rows, _ = db.Query(ctx, `SELECT client, seq, xmin::text FROM public.events WHERE xmin::text::bigint = ANY($1)`, xids)
+	if _, err := pgx.ForEachRow(rows, []any{&client, &seq, &xid}, func() (err error) {
+		w.events[[2]int64{client, seq}], err = match(xid)
+		return err
+	}); err != nil {
 		return nil, fmt.Errorf("read %s's log: %w", w.Site, err)
 	}
 	return all, nil
