@@ -1,6 +1,8 @@
 package replicator
 
 import (
+	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -44,8 +46,9 @@ type SyncConfig struct {
 	// Parallel is the number of copy workers; 0 means one per CPU (at
 	// least 2).
 	Parallel int
-	// ChunkRows splits larger tables into ranges of heap blocks of about
-	// this many rows; 0 means 250,000.
+	// ChunkRows caps the rows of one range of heap blocks; 0 means no cap
+	// (tables are split only as far as it takes to keep every worker
+	// busy).
 	ChunkRows int64
 }
 
@@ -122,9 +125,6 @@ func Sync(ctx context.Context, cfg SyncConfig, progress SyncProgress, log *slog.
 	if cfg.Parallel <= 0 {
 		cfg.Parallel = max(2, runtime.NumCPU())
 	}
-	if cfg.ChunkRows <= 0 {
-		cfg.ChunkRows = 250_000
-	}
 	s := &syncRun{cfg: cfg, progress: progress, log: log.With("component", "sync", "site", cfg.Site)}
 	defer s.close(ctx)
 	return s.run(ctx)
@@ -146,6 +146,7 @@ type tablePlan struct {
 	rows     int64 // estimated
 	bytes    int64
 	textCopy bool // a type whose binary form names OIDs: copy as text
+	ranges   int  // the copy tasks it is split into
 	copied   struct {
 		sync.Mutex
 		rows, bytes int64
@@ -497,20 +498,24 @@ func (s *syncRun) newWorker(ctx context.Context, snapshot string) (*copyWorker, 
 }
 
 type copyTask struct {
-	plan *tablePlan
-	rng  blockRange
+	plan  *tablePlan
+	rng   blockRange
+	bytes int64 // estimated
 }
 
-// tasks splits the tables: one task per table, or per range of heap
-// blocks for tables larger than ChunkRows rows (a TID range scan reads
-// each block once, where ranges of a key would each need an index scan or
-// a filtered scan of the whole table). Every task reads the same exported
-// snapshot, so the ranges partition exactly the rows it sees; the last
-// range is open-ended. The tasks of different tables alternate, so that
-// workers running at the same time mostly fill different tables (writers
-// of one table queue on extending it).
+// tasks splits the tables into copy tasks. Workers that each fill a table
+// of their own run fastest (writers of one table queue on extending it,
+// and every range is a scan of its own), so a table is split into ranges
+// of heap blocks only as far as it takes to keep every worker busy: into
+// as many ranges as it holds even shares of the whole copy (one share per
+// worker), and at most ChunkRows rows a range when that is set. A TID
+// range scan reads each block once, where ranges of a key would each need
+// an index scan or a filtered scan of the whole table. Every task reads the
+// same exported snapshot, so the ranges partition exactly the rows it
+// sees; the last range is open-ended. The largest tasks go first, so the
+// copy does not end waiting on one big table.
 func (s *syncRun) tasks(ctx context.Context, w *copyWorker) ([]copyTask, error) {
-	var perTable [][]copyTask
+	var total int64
 	for _, p := range s.plans {
 		p.started = time.Now()
 		if p.rows == 0 && p.bytes > 0 {
@@ -520,34 +525,40 @@ func (s *syncRun) tasks(ctx context.Context, w *copyWorker) ([]copyTask, error) 
 			}
 		}
 		s.progress.Start(p.def.Table.String(), p.rows, p.bytes)
+		total += p.bytes
+	}
+	var tasks []copyTask
+	for _, p := range s.plans {
 		ranges := []blockRange{{}}
-		if p.rows > s.cfg.ChunkRows {
+		if n := rangesFor(p.rows, p.bytes, total, s.cfg.Parallel, s.cfg.ChunkRows); n > 1 {
 			var blocks int64
 			if err := w.src.QueryRow(ctx, "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint",
 				p.def.Table.Quoted()).Scan(&blocks); err != nil {
 				return nil, fmt.Errorf("primary: size of %s: %w", p.def.Table, err)
 			}
-			ranges = splitBlocks(blocks, (p.rows+s.cfg.ChunkRows-1)/s.cfg.ChunkRows)
+			ranges = splitBlocks(blocks, n)
 		}
-		p.copied.left = len(ranges)
-		tasks := make([]copyTask, 0, len(ranges))
+		p.ranges, p.copied.left = len(ranges), len(ranges)
 		for _, r := range ranges {
-			tasks = append(tasks, copyTask{plan: p, rng: r})
+			tasks = append(tasks, copyTask{plan: p, rng: r, bytes: p.bytes / int64(len(ranges))})
 		}
-		perTable = append(perTable, tasks)
 	}
-	var tasks []copyTask
-	for i := 0; len(perTable) > 0; i++ {
-		rest := perTable[:0]
-		for _, ts := range perTable {
-			tasks = append(tasks, ts[0])
-			if len(ts) > 1 {
-				rest = append(rest, ts[1:])
-			}
-		}
-		perTable = rest
-	}
+	slices.SortStableFunc(tasks, func(a, b copyTask) int { return cmp.Compare(b.bytes, a.bytes) })
 	return tasks, nil
+}
+
+// rangesFor is how many ranges a table of rows and bytes is copied in,
+// when the whole copy is total bytes over workers: one per even share it
+// holds (rounded up), and at least rows/chunkRows when chunkRows is set.
+func rangesFor(rows, bytes, total int64, workers int, chunkRows int64) int64 {
+	n := int64(1)
+	if total > 0 {
+		n = max(n, (bytes*int64(max(workers, 1))+total-1)/total)
+	}
+	if chunkRows > 0 {
+		n = max(n, (rows+chunkRows-1)/chunkRows)
+	}
+	return n
 }
 
 // blockRange is the rows in heap blocks [lo, hi); a zero bound is open.
@@ -602,13 +613,38 @@ func (s *syncRun) copyTask(ctx context.Context, w *copyWorker, t copyTask) error
 	if where := t.rng.where(); where != "" {
 		src = fmt.Sprintf("COPY (SELECT %s FROM %s WHERE %s) TO STDOUT (FORMAT %s)", list, tbl.Quoted(), where, format)
 	}
-	dst := fmt.Sprintf("COPY %s (%s) FROM STDIN (FORMAT %s)", tbl.Quoted(), list, format)
+	// A table this sync created and copies in one piece is filled in the
+	// transaction that empties it, with FREEZE: its rows are written
+	// frozen and all-visible, so reading them later (the key's build,
+	// ANALYZE, the first queries, vacuum) does not rewrite every page to
+	// set hint bits. Nothing else can reference such a table, so
+	// truncating it alone cannot fail on a foreign key.
+	freeze := p.create && p.ranges == 1
+	opts := "FORMAT " + format
+	if freeze {
+		opts += ", FREEZE"
+		if _, err := w.dst.Exec(ctx, "BEGIN"); err != nil {
+			return fmt.Errorf("site %s: %w", s.cfg.Site, err)
+		}
+		if _, err := w.dst.Exec(ctx, "TRUNCATE ONLY "+tbl.Quoted()); err != nil {
+			return fmt.Errorf("site %s: empty %s in the copy's transaction: %w", s.cfg.Site, tbl, err)
+		}
+	}
+	dst := fmt.Sprintf("COPY %s (%s) FROM STDIN (%s)", tbl.Quoted(), list, opts)
 
+	// CopyTo writes one row per call: a pipe handing rows over one by one
+	// would make each row a message and a send of its own on the site's
+	// connection (CPU in syscalls, not in PostgreSQL). Rows go over in
+	// buffers of copyBuffer bytes.
 	pr, pw := io.Pipe()
 	counter := &countingWriter{w: pw, report: func(n int64) { s.progress.Copied(tbl.String(), 0, n) }}
+	buf := bufio.NewWriterSize(counter, copyBuffer)
 	done := make(chan error, 1)
 	go func() {
-		_, err := w.src.PgConn().CopyTo(ctx, counter, src)
+		_, err := w.src.PgConn().CopyTo(ctx, buf, src)
+		if err == nil {
+			err = buf.Flush()
+		}
 		pw.CloseWithError(err)
 		done <- err
 	}()
@@ -620,6 +656,11 @@ func (s *syncRun) copyTask(ctx context.Context, w *copyWorker, t copyTask) error
 		return fmt.Errorf("primary: copy out of %s: %w", tbl, srcErr)
 	case err != nil:
 		return fmt.Errorf("site %s: copy into %s: %w", s.cfg.Site, tbl, err)
+	}
+	if freeze {
+		if _, err := w.dst.Exec(ctx, "COMMIT"); err != nil {
+			return fmt.Errorf("site %s: commit the copy of %s: %w", s.cfg.Site, tbl, err)
+		}
 	}
 	rows := tag.RowsAffected()
 	s.progress.Copied(tbl.String(), rows, 0)
@@ -654,6 +695,9 @@ func (s *syncRun) copyTask(ctx context.Context, w *copyWorker, t copyTask) error
 	s.log.Info("table copied", "table", tbl.String(), "rows", total, "bytes", bytes, "duration", time.Since(p.started).Round(time.Millisecond))
 	return nil
 }
+
+// copyBuffer is how many bytes of rows go into the site per write.
+const copyBuffer = 256 << 10
 
 type countingWriter struct {
 	w      io.Writer

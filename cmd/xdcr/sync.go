@@ -70,7 +70,7 @@ streaming the others (a table newly added to tables:).`,
 	cmd.Flags().StringVarP(&o.config, "config", "c", "", "the cluster's config file (YAML)")
 	cmd.Flags().StringSliceVar(&o.tables, "table", nil, "copy only this table (repeatable; schema.table)")
 	cmd.Flags().IntVar(&o.parallel, "parallel", 0, "copy workers (default one per CPU, at least 2)")
-	cmd.Flags().Int64Var(&o.chunkRows, "chunk-rows", 250000, "split larger tables into ranges of heap blocks of about this many rows")
+	cmd.Flags().Int64Var(&o.chunkRows, "chunk-rows", 0, "copy at most this many rows per range of heap blocks (default: split tables only as far as it takes to keep every worker busy)")
 	mustRequire(cmd, "config")
 	return cmd
 }
