@@ -61,6 +61,10 @@ type CaptureConfig struct {
 	// one read then takes in many changes instead of one. Negative turns
 	// it off; it never applies once caught up.
 	ReadGulp time.Duration
+	// CatchUpRound is how many pgoutput messages one round of catch-up
+	// through SQL decodes (see captureSession.catchUp); negative means
+	// the backlog is always read through the replication protocol.
+	CatchUpRound int
 	// Sequences are the previous primary's sequence values, which the
 	// first start of a new epoch advances this site's sequences past.
 	Sequences map[string]int64
@@ -85,6 +89,9 @@ func (c *CaptureConfig) withDefaults() CaptureConfig {
 	}
 	if out.ReadGulp == 0 {
 		out.ReadGulp = defaultReadGulp
+	}
+	if out.CatchUpRound == 0 {
+		out.CatchUpRound = defaultCatchUpRound
 	}
 	return out
 }
@@ -218,6 +225,24 @@ func (c *Capture) session(ctx context.Context) error {
 		return err
 	}
 
+	s := &captureSession{
+		Capture:   c,
+		meta:      meta,
+		dec:       newDecoder(typeNames{meta}),
+		confirmed: slot.confirmed,
+		advanced:  slot.confirmed,
+		published: published,
+		seenEnd:   slot.confirmed,
+	}
+	if last != nil && len(last.Txns) > 0 && publishedUpTo(last, c.cfg.Site, c.cfg.Epoch) == last.LastLSN() {
+		s.acked = last.Txns[len(last.Txns)-1]
+	}
+	if c.cfg.CatchUpRound > 0 {
+		if err := s.catchUp(ctx); err != nil {
+			return err
+		}
+	}
+
 	repl, sock, err := connectReplication(ctx, c.cfg.DSN, max(c.cfg.ReadGulp, 0))
 	if err != nil {
 		return err
@@ -225,28 +250,15 @@ func (c *Capture) session(ctx context.Context) error {
 	defer repl.Close(context.WithoutCancel(ctx))
 	// the loop reads without a context: ending the session interrupts it
 	defer context.AfterFunc(ctx, sock.Interrupt)()
+	s.repl, s.sock = repl, sock
 	args := []string{"proto_version '1'", fmt.Sprintf("publication_names '%s'", PublicationName(c.cfg.Cluster))}
 	if err := pglogrepl.StartReplication(ctx, repl, SlotName(c.cfg.Cluster), 0,
 		pglogrepl.StartReplicationOptions{PluginArgs: args}); err != nil {
 		return fmt.Errorf("start replication from slot %s: %w", SlotName(c.cfg.Cluster), err)
 	}
-	c.log.Info("capture streaming", "slot", SlotName(c.cfg.Cluster), "confirmed_lsn", slot.confirmed,
-		"published_lsn", published, "epoch", c.cfg.Epoch)
+	c.log.Info("capture streaming", "slot", SlotName(c.cfg.Cluster), "confirmed_lsn", s.confirmed,
+		"published_lsn", s.published, "epoch", c.cfg.Epoch)
 	c.obs.State(StateStreaming, nil)
-
-	s := &captureSession{
-		Capture:   c,
-		repl:      repl,
-		sock:      sock,
-		meta:      meta,
-		dec:       newDecoder(typeNames{meta}),
-		confirmed: slot.confirmed,
-		published: published,
-		seenEnd:   slot.confirmed,
-	}
-	if last != nil && len(last.Txns) > 0 && publishedUpTo(last, c.cfg.Site, c.cfg.Epoch) == last.LastLSN() {
-		s.acked = last.Txns[len(last.Txns)-1]
-	}
 	return s.loop(ctx)
 }
 
@@ -438,6 +450,7 @@ type captureSession struct {
 	dec  *decoder
 
 	confirmed change.LSN // what the slot may advance to: everything up to it is stored in the stream
+	advanced  change.LSN // where catch-up through SQL last moved the slot
 	seenEnd   change.LSN // end of the last commit (or keepalive position) processed
 	received  change.LSN // how far the walsender has read the WAL, as far as its messages tell
 	published change.LSN // commit LSN of the last transaction handed to the publisher
@@ -607,7 +620,7 @@ func (s *captureSession) handle(ctx context.Context, ev event) error {
 		}
 	case evCommit:
 		s.seenEnd = max(s.seenEnd, ev.commit.endLSN)
-		if s.cur != nil && time.Since(s.cur.CommitTime) < freshCommit {
+		if s.sock != nil && s.cur != nil && time.Since(s.cur.CommitTime) < freshCommit {
 			s.sock.Behind(false) // caught up: read eagerly
 		}
 		if s.curChunks > 0 && !s.skip {
@@ -833,7 +846,9 @@ func (s *captureSession) report(ctx context.Context) error {
 	if retained != nil {
 		p.RetainedWALBytes = *retained
 	}
-	s.sock.Behind(p.WALLSN > s.received+catchUpLag)
+	if s.sock != nil {
+		s.sock.Behind(p.WALLSN > s.received+catchUpLag)
+	}
 	s.obs.Source(p)
 	return nil
 }

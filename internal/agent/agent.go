@@ -356,6 +356,7 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 			FlushInterval:  a.cfg.Capture.FlushInterval,
 			StatusInterval: a.cfg.Capture.StatusInterval,
 			MaxInFlight:    a.cfg.Capture.MaxInFlight,
+			CatchUpRound:   a.cfg.Capture.CatchUpRound,
 			Sequences:      seqs,
 		}, transport.NewPublisher(js, a.cfg.Cluster, a.node.Site), a.lease, a.log, obs)
 		a.setCapture(c)

@@ -215,6 +215,11 @@ type Capture struct {
 	// /v1/status). The agent never drops the slot itself. Default 10GiB;
 	// [NoWALLimit] (0 in the file) turns the warning off.
 	MaxRetainedWAL int64
+	// CatchUpRound is how many pgoutput messages one round of catch-up
+	// through SQL decodes, when a capture starts more than 16MiB of WAL
+	// behind. Default 50000; 100..10000000, or -1 to read every backlog
+	// through the replication protocol.
+	CatchUpRound int
 }
 
 // Apply tunes the apply agents.
@@ -255,6 +260,7 @@ func DefaultCapture() Capture {
 		MaxInFlight:    256,
 		StatusInterval: time.Second,
 		MaxRetainedWAL: 10 << 30,
+		CatchUpRound:   50_000,
 	}
 }
 
@@ -290,6 +296,9 @@ func (c Capture) withDefaults() Capture {
 	}
 	if c.MaxRetainedWAL == 0 {
 		c.MaxRetainedWAL = d.MaxRetainedWAL
+	}
+	if c.CatchUpRound == 0 {
+		c.CatchUpRound = d.CatchUpRound
 	}
 	return c
 }

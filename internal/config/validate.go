@@ -666,6 +666,10 @@ func (v *validator) tuning() {
 		v.add("capture.max_in_flight", v.show("capture.max_in_flight", strconv.Itoa(n))+" is outside 1..65536",
 			"use a number between 1 and 65536, e.g. 256")
 	}
+	if n := c.CatchUpRound; n != -1 && (n < 100 || n > 10_000_000) {
+		v.add("capture.catch_up_round", v.show("capture.catch_up_round", strconv.Itoa(n))+" is outside 100..10000000",
+			"use a number of messages between 100 and 10000000, e.g. 50000, or -1 to read every backlog through the replication protocol")
+	}
 	if n := c.MaxRetainedWAL; n < 0 && n != NoWALLimit {
 		v.add("capture.max_retained_wal", v.show("capture.max_retained_wal", formatSize(n))+" is negative",
 			`use a size such as 10GiB, or 0 to turn the warning off`)
