@@ -63,6 +63,10 @@ func (d *decoder) decode(ctx context.Context, data []byte) (ev event, err error)
 	if len(data) == 0 {
 		return ev, fmt.Errorf("%w: empty message", ErrProtocol)
 	}
+	switch data[0] {
+	case 'I', 'U', 'D':
+		return d.rowChange(data)
+	}
 	msg, err := parsePgoutput(data)
 	if err != nil {
 		return ev, err
@@ -91,49 +95,6 @@ func (d *decoder) decode(ctx context.Context, data []byte) (ev event, err error)
 		d.inTxn = false
 		ev.kind = evCommit
 		ev.commit = commitInfo{lsn: change.LSN(m.CommitLSN), endLSN: change.LSN(m.TransactionEndLSN)}
-		return ev, nil
-	case *pglogrepl.InsertMessage:
-		rel, err := d.rel(m.RelationID, "insert")
-		if err != nil {
-			return ev, err
-		}
-		newRow, err := tuple(rel, m.Tuple, "new row")
-		if err != nil {
-			return ev, err
-		}
-		for _, v := range newRow {
-			if v.Kind == change.Unchanged {
-				return ev, fmt.Errorf("%w: insert into %s carries an unchanged-TOAST value", ErrProtocol, rel)
-			}
-		}
-		ev.kind, ev.change = evChange, change.Change{Op: change.Insert, Rel: rel, New: newRow}
-		return ev, nil
-	case *pglogrepl.UpdateMessage:
-		rel, err := d.rel(m.RelationID, "update")
-		if err != nil {
-			return ev, err
-		}
-		c := change.Change{Op: change.Update, Rel: rel}
-		if m.OldTuple != nil {
-			if c.Old, err = tuple(rel, m.OldTuple, "old row"); err != nil {
-				return ev, err
-			}
-		}
-		if c.New, err = tuple(rel, m.NewTuple, "new row"); err != nil {
-			return ev, err
-		}
-		ev.kind, ev.change = evChange, c
-		return ev, nil
-	case *pglogrepl.DeleteMessage:
-		rel, err := d.rel(m.RelationID, "delete")
-		if err != nil {
-			return ev, err
-		}
-		old, err := tuple(rel, m.OldTuple, "old row")
-		if err != nil {
-			return ev, err
-		}
-		ev.kind, ev.change = evChange, change.Change{Op: change.Delete, Rel: rel, Old: old}
 		return ev, nil
 	case *pglogrepl.TruncateMessage:
 		if err := d.checkInTxn("truncate"); err != nil {
@@ -204,45 +165,11 @@ func (d *decoder) relation(ctx context.Context, m *pglogrepl.RelationMessage) er
 	return nil
 }
 
-func tuple(rel *change.Relation, t *pglogrepl.TupleData, what string) ([]change.Value, error) {
-	if t == nil {
-		return nil, fmt.Errorf("%w: %s of %s is missing", ErrProtocol, what, rel)
-	}
-	if len(t.Columns) != len(rel.Columns) {
-		return nil, fmt.Errorf("%w: %s of %s has %d columns, relation has %d",
-			ErrProtocol, what, rel, len(t.Columns), len(rel.Columns))
-	}
-	vals := make([]change.Value, len(t.Columns))
-	for i, c := range t.Columns {
-		switch c.DataType {
-		case pglogrepl.TupleDataTypeNull:
-			vals[i] = change.Value{Kind: change.Null}
-		case pglogrepl.TupleDataTypeToast:
-			vals[i] = change.Value{Kind: change.Unchanged}
-		case pglogrepl.TupleDataTypeText:
-			vals[i] = change.Value{Kind: change.Text, Data: nonNil(c.Data)}
-		case pglogrepl.TupleDataTypeBinary:
-			vals[i] = change.Value{Kind: change.Binary, Data: nonNil(c.Data)}
-		default:
-			return nil, fmt.Errorf("%w: %s of %s column %s has value kind %q",
-				ErrProtocol, what, rel, rel.Columns[i].Name, c.DataType)
-		}
-	}
-	return vals, nil
-}
-
-func nonNil(b []byte) []byte {
-	if b == nil {
-		return []byte{}
-	}
-	return b
-}
-
 // parsePgoutput wraps pglogrepl.Parse, which indexes its input without bounds
 // checks: a truncated message from a misbehaving server must become an error,
 // not a crash of the agent.
 func parsePgoutput(data []byte) (msg pglogrepl.Message, err error) {
-	if err := checkTuples(data); err != nil {
+	if err := checkLengths(data); err != nil {
 		return nil, err
 	}
 	defer func() {
@@ -257,57 +184,19 @@ func parsePgoutput(data []byte) (msg pglogrepl.Message, err error) {
 	return msg, nil
 }
 
-// checkTuples verifies that the row images of an insert, update or delete
-// fit in the message before pglogrepl allocates what their length fields
-// claim (it trusts them).
-func checkTuples(data []byte) error {
-	var off int
-	switch data[0] {
-	case 'T':
-		if len(data) < 6 {
-			return fmt.Errorf("%w: truncated truncate message", ErrProtocol)
-		}
-		n := uint64(uint32(data[1])<<24 | uint32(data[2])<<16 | uint32(data[3])<<8 | uint32(data[4]))
-		if 6+4*n > uint64(len(data)) {
-			return fmt.Errorf("%w: truncate message claims %d relations in %d bytes", ErrProtocol, n, len(data))
-		}
-		return nil
-	case 'I', 'U', 'D':
-		off = 1 + 4 // tag, relation id
-	default:
+// checkLengths verifies that a truncate message holds the relations it
+// claims before pglogrepl allocates for them (it trusts the count). Inserts,
+// updates and deletes never reach pglogrepl (rowChange).
+func checkLengths(data []byte) error {
+	if data[0] != 'T' {
 		return nil
 	}
-	for off < len(data) {
-		switch data[off] {
-		case 'N', 'K', 'O':
-			off++
-		default:
-			return fmt.Errorf("%w: %q message has tuple marker %q", ErrProtocol, data[0], data[off])
-		}
-		if off+2 > len(data) {
-			return fmt.Errorf("%w: truncated %q message", ErrProtocol, data[0])
-		}
-		n := int(data[off])<<8 | int(data[off+1])
-		off += 2
-		for range n {
-			if off >= len(data) {
-				return fmt.Errorf("%w: truncated %q message", ErrProtocol, data[0])
-			}
-			kind := data[off]
-			off++
-			if kind != 't' && kind != 'b' {
-				continue
-			}
-			if off+4 > len(data) {
-				return fmt.Errorf("%w: truncated %q message", ErrProtocol, data[0])
-			}
-			l := int(uint32(data[off])<<24 | uint32(data[off+1])<<16 | uint32(data[off+2])<<8 | uint32(data[off+3]))
-			off += 4
-			if l < 0 || l > len(data)-off {
-				return fmt.Errorf("%w: %q message claims a %d-byte value with %d bytes left", ErrProtocol, data[0], l, len(data)-off)
-			}
-			off += l
-		}
+	if len(data) < 6 {
+		return fmt.Errorf("%w: truncated truncate message", ErrProtocol)
+	}
+	n := uint64(uint32(data[1])<<24 | uint32(data[2])<<16 | uint32(data[3])<<8 | uint32(data[4]))
+	if 6+4*n > uint64(len(data)) {
+		return fmt.Errorf("%w: truncate message claims %d relations in %d bytes", ErrProtocol, n, len(data))
 	}
 	return nil
 }

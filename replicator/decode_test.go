@@ -1,12 +1,15 @@
 package replicator
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/jackc/pglogrepl"
 
 	"github.com/xdcr/xdcr/replicator/change"
 )
@@ -20,6 +23,7 @@ func (m pgout) u8(v byte) pgout    { return append(m, v) }
 func (m pgout) u16(v uint16) pgout { return binary.BigEndian.AppendUint16(m, v) }
 func (m pgout) u32(v uint32) pgout { return binary.BigEndian.AppendUint32(m, v) }
 func (m pgout) u64(v uint64) pgout { return binary.BigEndian.AppendUint64(m, v) }
+func (m pgout) raw(b []byte) pgout { return append(m, b...) }
 func (m pgout) str(s string) pgout { return append(append(m, s...), 0) }
 
 // pgTime is PostgreSQL's microseconds since 2000-01-01.
@@ -177,4 +181,74 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("error %v is not an ErrProtocol", err)
 		}
 	})
+}
+
+// TestRowChangeMatchesPglogrepl decodes inserts, updates and deletes with
+// rowChange and with pglogrepl's parser: the values must be the same, byte
+// for byte and kind for kind, and must not share memory with the message
+// (the replication connection reuses its buffer).
+func TestRowChangeMatchesPglogrepl(t *testing.T) {
+	ctx := context.Background()
+	bin := func(b ...byte) pgout { return pgout{'b', 0, 0, 0, byte(len(b))}.raw(b) }
+	cases := []pgout{
+		msg('I').u32(1).u8('N').tuple("1", "x"),
+		msg('I').u32(1).u8('N').tuple("", nil),
+		msg('I').u32(1).u8('N').u16(2).raw(bin(1, 2, 3)).u8('n'),
+		msg('U').u32(1).u8('N').tuple("2", toast{}),
+		msg('U').u32(1).u8('K').tuple("1", nil).u8('N').tuple("2", "y"),
+		msg('U').u32(1).u8('O').tuple("1", "old").u8('N').tuple("1", "new"),
+		msg('D').u32(1).u8('K').tuple("1", nil),
+		msg('D').u32(1).u8('O').tuple("1", "gone"),
+	}
+	for _, m := range cases {
+		d := newDecoder(&fakeTypes{})
+		for _, pre := range []pgout{relationMsg(1, "public", "t", 'd', "id", "v"), msg('B').u64(0x100).ts(time.Now()).u32(1)} {
+			if _, err := d.decode(ctx, pre); err != nil {
+				t.Fatal(err)
+			}
+		}
+		in := append(pgout(nil), m...)
+		ev, err := d.decode(ctx, in)
+		if err != nil {
+			t.Fatalf("%q: %v", m, err)
+		}
+		parsed, err := pglogrepl.Parse(m)
+		if err != nil {
+			t.Fatalf("pglogrepl %q: %v", m, err)
+		}
+		var oldT, newT *pglogrepl.TupleData
+		switch p := parsed.(type) {
+		case *pglogrepl.InsertMessage:
+			newT = p.Tuple
+		case *pglogrepl.UpdateMessage:
+			oldT, newT = p.OldTuple, p.NewTuple
+		case *pglogrepl.DeleteMessage:
+			oldT = p.OldTuple
+		}
+		for i := range in {
+			in[i] = 0xEE // the caller's buffer is reused
+		}
+		for _, side := range []struct {
+			name string
+			got  []change.Value
+			want *pglogrepl.TupleData
+		}{{"old", ev.change.Old, oldT}, {"new", ev.change.New, newT}} {
+			if side.want == nil {
+				if side.got != nil {
+					t.Errorf("%q: %s row %v, pglogrepl has none", m, side.name, side.got)
+				}
+				continue
+			}
+			if len(side.got) != len(side.want.Columns) {
+				t.Fatalf("%q: %s row has %d values, pglogrepl %d", m, side.name, len(side.got), len(side.want.Columns))
+			}
+			for i, c := range side.want.Columns {
+				g := side.got[i]
+				if byte(g.Kind) != c.DataType || !bytes.Equal(g.Data, c.Data) ||
+					(c.DataType == 't' || c.DataType == 'b') && g.Data == nil {
+					t.Errorf("%q: %s value %d is %c %q, pglogrepl %c %q", m, side.name, i, g.Kind, g.Data, c.DataType, c.Data)
+				}
+			}
+		}
+	}
 }
