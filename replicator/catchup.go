@@ -10,7 +10,7 @@ import (
 
 const (
 	// defaultCatchUpRound is CaptureConfig.CatchUpRound's default.
-	defaultCatchUpRound = 50_000
+	defaultCatchUpRound = 500_000
 	// sqlCatchUpLag is how far the slot must be behind the source's WAL
 	// for a session to begin with catch-up through SQL.
 	sqlCatchUpLag = 16 << 20
@@ -87,8 +87,15 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 	if err != nil {
 		return 0, fmt.Errorf("peek at slot %s: %w", slot, err)
 	}
+	// stage times of the round, for its log line: the peek decodes the
+	// whole round in the source before the first row arrives
+	var t roundTimes
+	t.start = time.Now()
 	n := 0
 	for rows.Next() {
+		if n == 0 {
+			t.firstRow = time.Now()
+		}
 		n++
 		// the decoder copies what it keeps out of the row
 		ev, err := s.dec.decode(ctx, rows.RawValues()[0])
@@ -109,6 +116,10 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 	if s.cur != nil {
 		return n, fmt.Errorf("%w: a peek at slot %s ended inside transaction %d", ErrProtocol, slot, s.cur.Xid)
 	}
+	t.lastRow = time.Now()
+	if n == 0 {
+		t.firstRow = t.lastRow
+	}
 	if err := s.flushRun(ctx); err != nil {
 		return n, err
 	}
@@ -120,6 +131,7 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 	if err := s.idleConfirm(); err != nil {
 		return n, err
 	}
+	t.acked = time.Now()
 	if s.confirmed > s.advanced {
 		// the stream holds everything up to confirmed
 		if _, err := s.meta.Exec(ctx, "SELECT pg_replication_slot_advance($1, $2::pg_lsn)", slot, s.confirmed.String()); err != nil {
@@ -127,8 +139,14 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 		}
 		s.advanced = s.confirmed
 	}
+	s.log.Info("catch-up round", "messages", n, "confirmed_lsn", s.confirmed,
+		"until_first_row", t.firstRow.Sub(t.start), "rows", t.lastRow.Sub(t.firstRow),
+		"until_acked", t.acked.Sub(t.lastRow), "advance", time.Since(t.acked))
 	return n, nil
 }
+
+// roundTimes marks the stages of a catch-up round.
+type roundTimes struct{ start, firstRow, lastRow, acked time.Time }
 
 // connectPeek opens the connection catch-up decodes on, with the session
 // settings of the replication connection: pgoutput writes values with

@@ -217,7 +217,7 @@ type Capture struct {
 	MaxRetainedWAL int64
 	// CatchUpRound is how many pgoutput messages one round of catch-up
 	// through SQL decodes, when a capture starts more than 16MiB of WAL
-	// behind. Default 50000; 100..10000000, or -1 to read every backlog
+	// behind. Default 500000; 100..10000000, or -1 to read every backlog
 	// through the replication protocol.
 	CatchUpRound int
 }
@@ -260,7 +260,7 @@ func DefaultCapture() Capture {
 		MaxInFlight:    256,
 		StatusInterval: time.Second,
 		MaxRetainedWAL: 10 << 30,
-		CatchUpRound:   50_000,
+		CatchUpRound:   500_000,
 	}
 }
 

@@ -89,7 +89,7 @@ func TestParseDesignExampleNeedsPassword(t *testing.T) {
 
 func TestDefaults(t *testing.T) {
 	c := mustParse(t, readFile(t, "testdata/design.yaml"))
-	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second, MaxRetainedWAL: 10 << 30, CatchUpRound: 50_000}); got != want {
+	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second, MaxRetainedWAL: 10 << 30, CatchUpRound: 500_000}); got != want {
 		t.Errorf("capture: got %+v, want %+v", got, want)
 	}
 	if got, want := c.Apply, (Apply{MaxBatchTxns: 1000, MaxBatchBytes: 8 << 20}); got != want {

@@ -668,7 +668,7 @@ func (v *validator) tuning() {
 	}
 	if n := c.CatchUpRound; n != -1 && (n < 100 || n > 10_000_000) {
 		v.add("capture.catch_up_round", v.show("capture.catch_up_round", strconv.Itoa(n))+" is outside 100..10000000",
-			"use a number of messages between 100 and 10000000, e.g. 50000, or -1 to read every backlog through the replication protocol")
+			"use a number of messages between 100 and 10000000, e.g. 500000, or -1 to read every backlog through the replication protocol")
 	}
 	if n := c.MaxRetainedWAL; n < 0 && n != NoWALLimit {
 		v.add("capture.max_retained_wal", v.show("capture.max_retained_wal", formatSize(n))+" is negative",

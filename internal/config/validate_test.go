@@ -280,7 +280,7 @@ func TestValidationRules(t *testing.T) {
 		{name: "catch-up round too small", yaml: base + "capture: {catch_up_round: 10}\n",
 			path: "capture.catch_up_round", problem: "outside 100..10000000", fix: "-1 to read every backlog through the replication protocol"},
 		{name: "catch-up round negative", yaml: base + "capture: {catch_up_round: -2}\n",
-			path: "capture.catch_up_round", problem: "outside 100..10000000", fix: "e.g. 50000"},
+			path: "capture.catch_up_round", problem: "outside 100..10000000", fix: "e.g. 500000"},
 		{name: "retained wal negative", yaml: base + "capture: {max_retained_wal: -5GiB}\n",
 			path: "capture.max_retained_wal", problem: "is negative", fix: "0 to turn the warning off"},
 		{name: "retained wal not a size", yaml: base + "capture: {max_retained_wal: lots}\n",
