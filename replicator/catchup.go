@@ -82,15 +82,15 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 // peekRound decodes and publishes one round; it returns how many messages
 // the peek returned.
 func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot string) (int, error) {
+	// stage times of the round, for its log line: the peek decodes the
+	// whole round in the source before the first row arrives
+	var t roundTimes
+	t.start = time.Now()
 	rows, err := peek.Query(ctx, `SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
 		'proto_version', '1', 'publication_names', $3)`, slot, s.cfg.CatchUpRound, PublicationName(s.cfg.Cluster))
 	if err != nil {
 		return 0, fmt.Errorf("peek at slot %s: %w", slot, err)
 	}
-	// stage times of the round, for its log line: the peek decodes the
-	// whole round in the source before the first row arrives
-	var t roundTimes
-	t.start = time.Now()
 	n := 0
 	for rows.Next() {
 		if n == 0 {
