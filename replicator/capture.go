@@ -510,7 +510,7 @@ func (s *captureSession) loop(ctx context.Context) error {
 			if err := s.sendStatus(ctx, false); err != nil {
 				return err
 			}
-			if err := s.report(ctx); err != nil {
+			if _, err := s.report(ctx); err != nil {
 				return err
 			}
 			nextStatus = now.Add(s.cfg.StatusInterval)
@@ -756,6 +756,16 @@ func (s *captureSession) reapAcks(ctx context.Context, block bool) error {
 	return s.idleConfirm()
 }
 
+// awaitAcks waits for the acknowledgement of everything in flight.
+func (s *captureSession) awaitAcks(ctx context.Context) error {
+	for len(s.inflight) > 0 {
+		if err := s.reapAcks(ctx, true); err != nil {
+			return err
+		}
+	}
+	return s.idleConfirm()
+}
+
 // idleConfirm lets the slot pass transactions that had nothing to publish,
 // but only while nothing is buffered or in flight.
 func (s *captureSession) idleConfirm() error {
@@ -790,10 +800,8 @@ func (s *captureSession) drain(ctx context.Context, target change.LSN) error {
 		// ask the walsender where it is: its keepalive moves seenEnd
 		return s.sendStatus(ctx, true)
 	}
-	for len(s.inflight) > 0 {
-		if err := s.reapAcks(ctx, true); err != nil {
-			return err
-		}
+	if err := s.awaitAcks(ctx); err != nil {
+		return err
 	}
 	hb := &change.Heartbeat{WALEnd: s.seenEnd, LastLSN: s.published, Time: time.Now().UTC()}
 	done, err := s.pub.Publish(ctx, &change.Batch{Origin: s.cfg.Site, Epoch: s.cfg.Epoch, Heartbeat: hb})
@@ -827,8 +835,9 @@ func (s *captureSession) heartbeat(ctx context.Context, now time.Time) error {
 	return s.sendStatus(ctx, true)
 }
 
-// report tells the observer where capture stands.
-func (s *captureSession) report(ctx context.Context) error {
+// report tells the observer where capture stands; it returns the source's
+// WAL insert position.
+func (s *captureSession) report(ctx context.Context) (change.LSN, error) {
 	var (
 		wal      string
 		retained *int64
@@ -837,11 +846,11 @@ func (s *captureSession) report(ctx context.Context) error {
 			(SELECT (pg_current_wal_insert_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)`,
 		SlotName(s.cfg.Cluster)).Scan(&wal, &retained)
 	if err != nil {
-		return fmt.Errorf("read the WAL position: %w", err)
+		return 0, fmt.Errorf("read the WAL position: %w", err)
 	}
 	p := SourceProgress{SentLSN: s.seenEnd, LastCommitLSN: s.acked.LSN, LastCommitTime: s.acked.CommitTime}
 	if p.WALLSN, err = change.ParseLSN(wal); err != nil {
-		return err
+		return 0, err
 	}
 	if retained != nil {
 		p.RetainedWALBytes = *retained
@@ -850,7 +859,7 @@ func (s *captureSession) report(ctx context.Context) error {
 		s.sock.Behind(p.WALLSN > s.received+catchUpLag)
 	}
 	s.obs.Source(p)
-	return nil
+	return p.WALLSN, nil
 }
 
 // changeSize approximates the encoded size of a change.

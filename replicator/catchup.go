@@ -43,18 +43,19 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 	slot := SlotName(s.cfg.Cluster)
 	start, rounds, messages := time.Now(), 0, 0
 	for s.drainTarget() == 0 {
-		var behind int64
-		if err := s.meta.QueryRow(ctx, `SELECT coalesce((pg_current_wal_insert_lsn() - confirmed_flush_lsn)::bigint, 0)
-			FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&behind); err != nil {
-			return fmt.Errorf("read how far slot %s is behind: %w", slot, err)
+		// the slot is at s.advanced: where the session found it, or where
+		// the last round moved it
+		wal, err := s.report(ctx)
+		if err != nil {
+			return err
 		}
+		behind := int64(wal) - int64(s.advanced)
 		if behind < sqlCatchUpLag {
 			break
 		}
 		if peek == nil {
 			s.log.Info("capture catching up through SQL", "slot", slot, "behind_bytes", behind, "round", s.cfg.CatchUpRound)
 			s.obs.State(StateStreaming, nil)
-			var err error
 			if peek, err = connectPeek(ctx, s.cfg.DSN); err != nil {
 				return err
 			}
@@ -65,9 +66,6 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 		}
 		rounds++
 		messages += n
-		if err := s.report(ctx); err != nil {
-			return err
-		}
 		if n < s.cfg.CatchUpRound {
 			break
 		}
@@ -123,12 +121,7 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 	if err := s.flushRun(ctx); err != nil {
 		return n, err
 	}
-	for len(s.inflight) > 0 {
-		if err := s.reapAcks(ctx, true); err != nil {
-			return n, err
-		}
-	}
-	if err := s.idleConfirm(); err != nil {
+	if err := s.awaitAcks(ctx); err != nil {
 		return n, err
 	}
 	t.acked = time.Now()
@@ -154,14 +147,5 @@ type roundTimes struct{ start, firstRow, lastRow, acked time.Time }
 // (DateStyle, search_path for reg* types, …), and a value must read the
 // same whichever way it was decoded.
 func connectPeek(ctx context.Context, dsn string) (*pgx.Conn, error) {
-	cfg, err := pgx.ParseConfig(dsn)
-	if err != nil {
-		return nil, permanent(fmt.Errorf("parse postgres connection string: %w", err), "correct the site's postgres setting")
-	}
-	setSessionParams(cfg.RuntimeParams, "xdcr-capture")
-	conn, err := pgx.ConnectConfig(ctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to postgres %s:%d: %w", cfg.Host, cfg.Port, err)
-	}
-	return conn, nil
+	return connectSession(ctx, dsn, "xdcr-capture", nil)
 }

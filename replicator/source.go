@@ -34,12 +34,20 @@ func setSessionParams(rt map[string]string, app string) {
 // ConnectMeta opens a normal connection for catalog queries. Its search_path
 // is pg_catalog only, so format_type() schema-qualifies every other type.
 func ConnectMeta(ctx context.Context, dsn string) (*pgx.Conn, error) {
+	return connectSession(ctx, dsn, "xdcr", map[string]string{"search_path": "pg_catalog"})
+}
+
+// connectSession opens a normal connection with the session settings every
+// xdcr connection uses, application name app, and extra settings.
+func connectSession(ctx context.Context, dsn, app string, extra map[string]string) (*pgx.Conn, error) {
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		return nil, permanent(fmt.Errorf("parse postgres connection string: %w", err), "correct the site's postgres setting")
 	}
-	setSessionParams(cfg.RuntimeParams, "xdcr")
-	cfg.RuntimeParams["search_path"] = "pg_catalog"
+	setSessionParams(cfg.RuntimeParams, app)
+	for k, v := range extra {
+		cfg.RuntimeParams[k] = v
+	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to postgres %s:%d: %w", cfg.Host, cfg.Port, err)

@@ -498,10 +498,12 @@ func (s *syncRun) newWorker(ctx context.Context, snapshot string) (*copyWorker, 
 }
 
 type copyTask struct {
-	plan  *tablePlan
-	rng   blockRange
-	bytes int64 // estimated
+	plan *tablePlan
+	rng  blockRange
 }
+
+// bytes estimates the task's size: an even share of its table.
+func (t copyTask) bytes() int64 { return t.plan.bytes / int64(t.plan.ranges) }
 
 // tasks splits the tables into copy tasks. Workers that each fill a table
 // of their own run fastest (writers of one table queue on extending it,
@@ -540,10 +542,10 @@ func (s *syncRun) tasks(ctx context.Context, w *copyWorker) ([]copyTask, error) 
 		}
 		p.ranges, p.copied.left = len(ranges), len(ranges)
 		for _, r := range ranges {
-			tasks = append(tasks, copyTask{plan: p, rng: r, bytes: p.bytes / int64(len(ranges))})
+			tasks = append(tasks, copyTask{plan: p, rng: r})
 		}
 	}
-	slices.SortStableFunc(tasks, func(a, b copyTask) int { return cmp.Compare(b.bytes, a.bytes) })
+	slices.SortStableFunc(tasks, func(a, b copyTask) int { return cmp.Compare(b.bytes(), a.bytes()) })
 	return tasks, nil
 }
 
