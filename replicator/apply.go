@@ -284,6 +284,7 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 		syncs:   syncs,
 		targets: make(map[string]*target),
 	}
+	defer w.abortCopy(errCopyAbandoned)
 	var progressed bool
 	for {
 		d, err := receive(ctx, msgs, stop, true)
@@ -386,6 +387,9 @@ type applier struct {
 	targets map[string]*target // by relationKey
 	rels    map[*change.Relation]*target
 	nstmt   int
+
+	copying *openCopy // a COPY in progress on conn
+	spare   [][]byte  // buffers of rows for the next COPY
 }
 
 type openChunk struct {
@@ -530,6 +534,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 	if w.chunk != nil && b.Chunk.Index == 0 && txn.LSN == w.chunk.txn.LSN {
 		// the publisher restarted this transaction from its first chunk
 		w.log.Info("large transaction republished; starting it over", "lsn", txn.LSN, "seq", d.Seq)
+		w.abortCopy(errRepublished)
 		if _, err := w.conn.Exec(ctx, "ROLLBACK"); err != nil {
 			return fmt.Errorf("roll back the partial transaction %s: %w", txn.LSN, err)
 		}
@@ -924,11 +929,15 @@ func (w *applier) target(ctx context.Context, rel *change.Relation) (*target, er
 // added inside it and commit (or roll back) with it.
 func (w *applier) addColumns(ctx context.Context, t Table, cols []change.Column) error {
 	alter := addColumnsSQL(t, cols)
-	conn, sql := w.meta, "SET LOCAL lock_timeout = '5s'; "+alter
+	conn, sql := w.meta.PgConn(), "SET LOCAL lock_timeout = '5s'; "+alter
 	if w.chunk != nil && w.chunk.next > 0 {
-		conn, sql = w.conn, sql+"; SET LOCAL lock_timeout = DEFAULT"
+		var err error
+		if conn, err = w.idle(); err != nil {
+			return err
+		}
+		sql += "; SET LOCAL lock_timeout = DEFAULT"
 	}
-	if _, err := conn.PgConn().Exec(ctx, sql).ReadAll(); err != nil {
+	if _, err := conn.Exec(ctx, sql).ReadAll(); err != nil {
 		return &SchemaError{
 			Table:   t.String(),
 			Problem: fmt.Sprintf("lacks columns of the primary on replica site %s, and adding them failed: %v", w.cfg.Site, err),
@@ -949,7 +958,11 @@ func (w *applier) prepared(ctx context.Context, t *target, key string, sql func(
 	}
 	w.nstmt++
 	text := sql()
-	sd, err := w.conn.PgConn().Prepare(ctx, "xdcr_"+strconv.Itoa(w.nstmt), text, nil)
+	conn, err := w.idle()
+	if err != nil {
+		return nil, err
+	}
+	sd, err := conn.Prepare(ctx, "xdcr_"+strconv.Itoa(w.nstmt), text, nil)
 	if err != nil {
 		return nil, fmt.Errorf("prepare %q on replica site %s: %w", text, w.cfg.Site, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -41,10 +42,12 @@ func (w *applier) exec(ctx context.Context) error {
 		parts = append([]part{{stmts: []stmt{{sql: "BEGIN", rows: -1, seq: seq, txn: txn}}}}, parts...)
 		parts = append(parts, part{stmts: []stmt{{sql: "COMMIT", rows: -1, seq: seq, txn: txn}}})
 	}
-	for _, p := range parts {
+	for i, p := range parts {
 		var err error
 		if p.copy {
-			err = w.execCopy(ctx, p.stmts)
+			// the rows that end a chunk of a large transaction: the next
+			// chunk's may join them
+			err = w.copyRows(ctx, p.stmts, w.chunk != nil && i == len(parts)-1)
 		} else {
 			err = w.execBatch(ctx, p.stmts)
 		}
@@ -102,7 +105,11 @@ func (w *applier) execBatch(ctx context.Context, stmts []stmt) error {
 			batch.ExecParams(s.sql, s.params, nil, nil, nil)
 		}
 	}
-	mrr := w.conn.PgConn().ExecBatch(ctx, batch)
+	conn, err := w.idle()
+	if err != nil {
+		return err
+	}
+	mrr := conn.ExecBatch(ctx, batch)
 	i := 0
 	var first error
 	for mrr.NextResult() {
@@ -127,28 +134,15 @@ func (w *applier) execBatch(ctx context.Context, stmts []stmt) error {
 	return first
 }
 
-// execCopy inserts the rows of a run of inserts into one table with COPY.
-func (w *applier) execCopy(ctx context.Context, run []stmt) error {
-	t := run[0].copy
-	var buf bytes.Buffer
-	for i := range run {
-		appendCopyRow(&buf, run[i].c.New)
-	}
-	tag, err := w.conn.PgConn().CopyFrom(ctx, &buf, t.copySQL())
-	if err != nil {
-		return fmt.Errorf("%d inserts into %s (source transactions %s to %s) as one COPY: %w",
-			len(run), t.table, run[0].txn, run[len(run)-1].txn, w.stmtError(&run[0], err))
-	}
-	if tag.RowsAffected() != int64(len(run)) {
-		return fmt.Errorf("COPY of %d inserts into %s on replica site %s wrote %d rows", len(run), t.table, w.cfg.Site, tag.RowsAffected())
-	}
-	return nil
-}
-
 // appendCopyRow writes a row in COPY's text format. Values are in their
 // types' text form already, as pgoutput sends them; only COPY's own
 // delimiters are escaped.
 func appendCopyRow(buf *bytes.Buffer, vals []change.Value) {
+	n := len(vals)
+	for _, v := range vals {
+		n += len(v.Data) + 2
+	}
+	buf.Grow(n)
 	for i, v := range vals {
 		if i > 0 {
 			buf.WriteByte('\t')
@@ -157,8 +151,17 @@ func appendCopyRow(buf *bytes.Buffer, vals []change.Value) {
 			buf.WriteString(`\N`)
 			continue
 		}
-		for _, c := range v.Data {
-			switch c {
+		data := v.Data
+		for len(data) > 0 {
+			j := 0
+			for j < len(data) && data[j] >= 0x20 && data[j] != '\\' {
+				j++
+			}
+			buf.Write(data[:j])
+			if j == len(data) {
+				break
+			}
+			switch c := data[j]; c {
 			case '\\':
 				buf.WriteString(`\\`)
 			case '\n':
@@ -170,6 +173,7 @@ func appendCopyRow(buf *bytes.Buffer, vals []change.Value) {
 			default:
 				buf.WriteByte(c)
 			}
+			data = data[j+1:]
 		}
 	}
 	buf.WriteByte('\n')
@@ -192,6 +196,9 @@ func copyable(vals []change.Value) bool {
 // where nothing observes the order of rows (target.supersede), and never
 // across a TRUNCATE.
 func gather(queued []stmt) []stmt {
+	if oneCopyRun(queued) {
+		return queued
+	}
 	touched := make(map[string]int)
 	movable := 0
 	for i := range queued {
@@ -218,6 +225,28 @@ func gather(queued []stmt) []stmt {
 		start = i + 1
 	}
 	return out
+}
+
+// oneCopyRun reports whether the inserts of each table that could go by
+// COPY are one unbroken run already (a bulk load, a chunk of a large
+// transaction): gather would only reorder rows within the runs.
+func oneCopyRun(queued []stmt) bool {
+	var cur *target
+	var seen []*target
+	for i := range queued {
+		t := queued[i].copy
+		if t == cur {
+			continue
+		}
+		if t != nil && slices.Contains(seen, t) {
+			return false
+		}
+		if t != nil {
+			seen = append(seen, t)
+		}
+		cur = t
+	}
+	return true
 }
 
 func gatherSpan(out, span []stmt, touched map[string]int) []stmt {
@@ -255,6 +284,9 @@ func truncates(s *stmt) bool { return s.c != nil && s.c.Op == change.Truncate }
 // hot rows (a counter updated by every source transaction) is most of the
 // work of a group.
 func supersede(queued []stmt) []stmt {
+	if !slices.ContainsFunc(queued, func(s stmt) bool { return s.whole }) {
+		return queued
+	}
 	later := make(map[string]struct{})
 	dropped := 0
 	for i := len(queued) - 1; i >= 0; i-- {

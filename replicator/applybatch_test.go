@@ -145,8 +145,31 @@ func TestAppendCopyRow(t *testing.T) {
 		{Kind: change.Null},
 		{Kind: change.Text, Data: []byte(`\N`)},
 		{Kind: change.Text, Data: []byte("")},
+		{Kind: change.Text, Data: []byte("x\x01y\\")},
 	})
-	if got, want := buf.String(), "a\\tb\\nc\\rd\\\\e\t\\N\t\\\\N\t\n"; got != want {
+	if got, want := buf.String(), "a\\tb\\nc\\rd\\\\e\t\\N\t\\\\N\t\tx\x01y\\\\\n"; got != want {
 		t.Fatalf("got %q, want %q", got, want)
+	}
+}
+
+func TestOneCopyRun(t *testing.T) {
+	a := &target{table: Table{Schema: "public", Name: "a"}}
+	b := &target{table: Table{Schema: "public", Name: "b"}}
+	ins := func(tg *target) stmt { return stmt{rows: 1, row: "r", copy: tg} }
+	other := stmt{sql: "u", rows: 1, row: "x", whole: true}
+	for _, tc := range []struct {
+		name string
+		in   []stmt
+		want bool
+	}{
+		{"none", []stmt{{sql: "BEGIN"}, other}, true},
+		{"one table", []stmt{{sql: "BEGIN"}, ins(a), ins(a), ins(a), {sql: "COMMIT"}}, true},
+		{"two tables in turn", []stmt{ins(a), ins(a), other, ins(b), ins(b)}, true},
+		{"two tables interleaved", []stmt{ins(a), ins(b), ins(a)}, false},
+		{"broken by an update", []stmt{ins(a), other, ins(a)}, false},
+	} {
+		if got := oneCopyRun(tc.in); got != tc.want {
+			t.Errorf("%s: oneCopyRun = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

@@ -153,3 +153,37 @@ func TestKillsDuringLargeTransaction(t *testing.T) {
 		t.Log("note: the replica did not see the cut-short transaction (it may have started after the republish)")
 	}
 }
+
+// TestLargeTransactionCopyRefused: a large transaction whose inserts into
+// one table go to the replica as one COPY across its chunks, with other
+// tables' changes between them. A row the replica already has refuses the
+// COPY in a middle chunk: apply pauses naming the table, nothing of the
+// transaction is visible, and once the row is gone it applies whole, once.
+func TestLargeTransactionCopyRefused(t *testing.T) {
+	const rows = 200000
+	c := newCluster(t, clusterOpts{
+		schema: `CREATE TABLE public.bulk (id bigint PRIMARY KEY, payload text NOT NULL);
+CREATE TABLE public.side (id int PRIMARY KEY, v int NOT NULL);
+INSERT INTO side SELECT g, 0 FROM generate_series(1, 10) g;`,
+		tables: []string{"public.bulk", "public.side"},
+	})
+	site := replicas(c)[0]
+	writeReplica(t, c, site, fmt.Sprintf(`INSERT INTO bulk VALUES (%d, 'already here')`, rows*3/4))
+	execOn(t, c, c.Config.Primary, fmt.Sprintf(`
+INSERT INTO bulk SELECT g, md5(g::text) || E'\t\\' || md5((g+1)::text) FROM generate_series(1, %[1]d / 2) g;
+UPDATE side SET v = v + 1;
+INSERT INTO side SELECT g, g FROM generate_series(11, 5000) g;
+INSERT INTO bulk SELECT g, md5(g::text) FROM generate_series(%[1]d / 2 + 1, %[1]d) g;
+UPDATE side SET v = v + 1 WHERE id <= 10;`, rows))
+
+	e := waitLog(t, c, topology.NodeID(site), "apply paused", 2*time.Minute, "public.bulk", "as one COPY", "duplicate key")
+	t.Logf("%s paused: %v", site, e["err"])
+	assertCount(t, c, site, "bulk", 1)
+	assertCount(t, c, site, "side", 10)
+	writeReplica(t, c, site, `DELETE FROM bulk WHERE payload = 'already here'`)
+	converge(t, c, 3*time.Minute)
+	for _, s := range replicas(c) {
+		assertCount(t, c, s, "bulk", rows)
+		assertCount(t, c, s, "side", 5000)
+	}
+}
