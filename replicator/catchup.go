@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/xdcr/xdcr/replicator/change"
 )
 
 const (
@@ -24,70 +26,79 @@ const (
 // pgbench backlog 8x faster this way).
 //
 // A round peeks at most CatchUpRound messages from the slot's confirmed
-// position (a peek ends at a transaction's end), runs them through the same
-// decoder and publishing as the stream, waits until the stream has
-// acknowledged all of it, and only then advances the slot: a crash at any
-// point re-reads from the slot what the stream may lack, and the duplicate
-// check on publish (s.published) skips what it already holds — exactly as
-// when a streaming session restarts. Rounds go on while the slot is more than
-// sqlCatchUpLag behind and a round comes back full; then the session
-// streams (the walsender also moves the slot past WAL that holds nothing
-// to publish, which a peek cannot).
+// position up to the source's WAL flush position when the round began (a
+// peek ends at a transaction's end), runs them through the same decoder
+// and publishing as the stream, waits until the stream has acknowledged
+// all of it, and only then advances the slot: a crash at any point
+// re-reads from the slot what the stream may lack, and the duplicate check
+// on publish (s.published) skips what it already holds — exactly as when
+// a streaming session restarts. Rounds go on until one comes back short:
+// it read everything up to that flush position, and the slot advances to
+// it, past WAL that held nothing to publish. That matters for what comes
+// next: every peek, advance and START_REPLICATION decodes again from the
+// slot's restart_lsn, which only moves at a running-transactions record
+// the decoder passed and the slot's position is beyond (they are logged
+// at checkpoints and every 15 s of activity). A backlog written in a burst
+// holds few, and stopping at the last commit decoded would leave the
+// streaming session to decode the whole backlog again before its first
+// new change.
 func (s *captureSession) catchUp(ctx context.Context) error {
-	var peek *pgx.Conn
-	defer func() {
-		if peek != nil {
-			peek.Close(context.WithoutCancel(ctx))
-		}
-	}()
+	wal, err := s.report(ctx)
+	if err != nil {
+		return err
+	}
+	behind := int64(wal) - int64(s.advanced) // the slot is where the session found it
+	if behind < sqlCatchUpLag || s.drainTarget() != 0 {
+		return nil
+	}
 	slot := SlotName(s.cfg.Cluster)
+	s.log.Info("capture catching up through SQL", "slot", slot, "behind_bytes", behind, "round", s.cfg.CatchUpRound)
+	s.obs.State(StateStreaming, nil)
+	peek, err := connectPeek(ctx, s.cfg.DSN)
+	if err != nil {
+		return err
+	}
+	defer peek.Close(context.WithoutCancel(ctx))
 	start, rounds, messages := time.Now(), 0, 0
 	for s.drainTarget() == 0 {
-		// the slot is at s.advanced: where the session found it, or where
-		// the last round moved it
-		wal, err := s.report(ctx)
-		if err != nil {
-			return err
-		}
-		behind := int64(wal) - int64(s.advanced)
-		if behind < sqlCatchUpLag {
-			break
-		}
-		if peek == nil {
-			s.log.Info("capture catching up through SQL", "slot", slot, "behind_bytes", behind, "round", s.cfg.CatchUpRound)
-			s.obs.State(StateStreaming, nil)
-			if peek, err = connectPeek(ctx, s.cfg.DSN); err != nil {
-				return err
-			}
-		}
-		n, err := s.peekRound(ctx, peek, slot)
+		n, complete, err := s.peekRound(ctx, peek, slot)
 		if err != nil {
 			return err
 		}
 		rounds++
 		messages += n
-		if n < s.cfg.CatchUpRound {
+		if complete {
 			break
 		}
+		if _, err := s.report(ctx); err != nil {
+			return err
+		}
 	}
-	if rounds > 0 {
-		s.log.Info("capture caught up through SQL", "rounds", rounds, "messages", messages,
-			"duration", time.Since(start).Round(time.Millisecond), "confirmed_lsn", s.confirmed)
-	}
+	s.log.Info("capture caught up through SQL", "rounds", rounds, "messages", messages,
+		"duration", time.Since(start).Round(time.Millisecond), "confirmed_lsn", s.confirmed)
 	return nil
 }
 
 // peekRound decodes and publishes one round; it returns how many messages
-// the peek returned.
-func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot string) (int, error) {
+// the peek returned and whether they were all there was up to the flush
+// position the round began at.
+func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot string) (int, bool, error) {
 	// stage times of the round, for its log line: the peek decodes the
 	// whole round in the source before the first row arrives
 	var t roundTimes
 	t.start = time.Now()
-	rows, err := peek.Query(ctx, `SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
-		'proto_version', '1', 'publication_names', $3)`, slot, s.cfg.CatchUpRound, PublicationName(s.cfg.Cluster))
+	var flushed string
+	if err := peek.QueryRow(ctx, "SELECT pg_current_wal_flush_lsn()::text").Scan(&flushed); err != nil {
+		return 0, false, fmt.Errorf("read the WAL flush position: %w", err)
+	}
+	upto, err := change.ParseLSN(flushed)
 	if err != nil {
-		return 0, fmt.Errorf("peek at slot %s: %w", slot, err)
+		return 0, false, err
+	}
+	rows, err := peek.Query(ctx, `SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::pg_lsn, $3,
+		'proto_version', '1', 'publication_names', $4)`, slot, flushed, s.cfg.CatchUpRound, PublicationName(s.cfg.Cluster))
+	if err != nil {
+		return 0, false, fmt.Errorf("peek at slot %s: %w", slot, err)
 	}
 	n := 0
 	for rows.Next() {
@@ -105,37 +116,45 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 		}
 		if err != nil {
 			rows.Close()
-			return n, err
+			return n, false, err
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return n, fmt.Errorf("peek at slot %s: %w", slot, err)
+		return n, false, fmt.Errorf("peek at slot %s: %w", slot, err)
 	}
 	if s.cur != nil {
-		return n, fmt.Errorf("%w: a peek at slot %s ended inside transaction %d", ErrProtocol, slot, s.cur.Xid)
+		return n, false, fmt.Errorf("%w: a peek at slot %s ended inside transaction %d", ErrProtocol, slot, s.cur.Xid)
 	}
 	t.lastRow = time.Now()
 	if n == 0 {
 		t.firstRow = t.lastRow
 	}
-	if err := s.flushRun(ctx); err != nil {
-		return n, err
+	// Fewer messages than asked for: the peek decoded every record that
+	// begins before upto (it stops at the first that ends at or after it,
+	// or at the flush position, which is past upto), so every transaction
+	// whose commit the slot would still decode before upto was published.
+	complete := n < s.cfg.CatchUpRound
+	if complete {
+		s.seenEnd = max(s.seenEnd, upto)
 	}
-	if err := s.awaitAcks(ctx); err != nil {
-		return n, err
+	if err := s.flushRun(ctx); err != nil {
+		return n, false, err
+	}
+	if err := s.awaitAcks(ctx); err != nil { // and, once idle, confirms seenEnd
+		return n, false, err
 	}
 	t.acked = time.Now()
 	if s.confirmed > s.advanced {
 		// the stream holds everything up to confirmed
 		if _, err := s.meta.Exec(ctx, "SELECT pg_replication_slot_advance($1, $2::pg_lsn)", slot, s.confirmed.String()); err != nil {
-			return n, fmt.Errorf("advance slot %s to %s: %w", slot, s.confirmed, err)
+			return n, false, fmt.Errorf("advance slot %s to %s: %w", slot, s.confirmed, err)
 		}
 		s.advanced = s.confirmed
 	}
-	s.log.Info("catch-up round", "messages", n, "confirmed_lsn", s.confirmed,
+	s.log.Info("catch-up round", "messages", n, "confirmed_lsn", s.confirmed, "complete", complete,
 		"until_first_row", t.firstRow.Sub(t.start), "rows", t.lastRow.Sub(t.firstRow),
 		"until_acked", t.acked.Sub(t.lastRow), "advance", time.Since(t.acked))
-	return n, nil
+	return n, complete, nil
 }
 
 // roundTimes marks the stages of a catch-up round.
