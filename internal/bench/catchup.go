@@ -79,7 +79,7 @@ type xdcrRun struct {
 // catchupXDCR lets the held capture go and returns how long it took until
 // marker id was visible on xdcr's replica, and the agents' peak RSS
 // meanwhile. profile names the profiles to take, "" for none.
-func (e *env) catchupXDCR(ctx context.Context, id int, h *hold, profile string) (xdcrRun, error) {
+func (e *env) catchupXDCR(ctx context.Context, m marker, h *hold, profile string) (xdcrRun, error) {
 	wctx, cancel := context.WithTimeout(ctx, e.sc.Timeout)
 	defer cancel()
 	if err := e.startAgent(ctx, e.replica); err != nil {
@@ -92,16 +92,36 @@ func (e *env) catchupXDCR(ctx context.Context, id int, h *hold, profile string) 
 	if profile != "" {
 		prof = e.startProfiles(ctx, profile, e.primary, e.replica)
 	}
+	// when the marker's transaction reached the primary's stream and the
+	// replica's mirror of it: where a drain spends its time
+	var stages [2]*streamWatch
+	for i := range stages {
+		w, err := e.watchStream(wctx, i, m.lsn)
+		if err != nil {
+			return xdcrRun{}, err
+		}
+		defer w.stop()
+		stages[i] = w
+	}
 	cpu := e.watchCPU()
 	t0 := time.Now()
 	if err := h.release(ctx); err != nil {
 		return xdcrRun{}, fmt.Errorf("release the capture: %w", err)
 	}
-	seen, err := waitMarker(wctx, e.xdst, id)
+	seen, err := waitMarker(wctx, e.xdst, m.id)
 	if err != nil {
 		return xdcrRun{}, fmt.Errorf("xdcr: %w; agent logs: %s, %s", err, e.c.LogPath(e.primary), e.c.LogPath(e.replica))
 	}
 	e.progress("  xdcr: %s", cpu.report(ctx))
+	var at [2]string
+	for i, w := range stages {
+		at[i] = "?"
+		if t, ok := w.seen(); ok {
+			at[i] = fmt.Sprintf("%.2fs", t.Sub(t0).Seconds())
+		}
+	}
+	e.progress("  xdcr: the last transaction was in %s's stream after %s, in %s's mirror after %s, applied after %.2fs",
+		e.srcSite, at[0], e.sites.List[1].Name, at[1], seen.Sub(t0).Seconds())
 	run := xdcrRun{d: seen.Sub(t0), rss: map[string]int64{}}
 	for _, n := range []string{e.primary, e.replica} {
 		if v, err := peakRSS(e.c.AgentPID(n)); err == nil {
@@ -133,7 +153,7 @@ func (e *env) pgbenchCatchup(ctx context.Context, r int, nativeFirst bool) (pgbe
 	if err != nil {
 		return pgbenchRep{}, err
 	}
-	id, _, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return pgbenchRep{}, err
 	}
@@ -147,7 +167,7 @@ func (e *env) pgbenchCatchup(ctx context.Context, r int, nativeFirst bool) (pgbe
 	if e.o.ProfileDir != "" && r == 0 {
 		profile = "pgbench"
 	}
-	native, x, err := e.both(ctx, id, nativeFirst, h, profile)
+	native, x, err := e.both(ctx, m, nativeFirst, h, profile)
 	if err != nil {
 		return pgbenchRep{}, err
 	}
@@ -167,15 +187,15 @@ func (e *env) pgbenchCatchup(ctx context.Context, r int, nativeFirst bool) (pgbe
 	return pgbenchRep{nativeRate: nr, walPerTxn: float64(wal) / float64(ntx)}, nil
 }
 
-// both drains the backlog up to marker id with native replication and with
+// both drains the backlog up to marker m with native replication and with
 // xdcr, in the order asked.
-func (e *env) both(ctx context.Context, id int, nativeFirst bool, h *hold, profile string) (native time.Duration, x xdcrRun, err error) {
+func (e *env) both(ctx context.Context, m marker, nativeFirst bool, h *hold, profile string) (native time.Duration, x xdcrRun, err error) {
 	for _, n := range order(nativeFirst) {
 		if n {
-			if native, err = e.catchupNative(ctx, id); err != nil {
+			if native, err = e.catchupNative(ctx, m.id); err != nil {
 				return 0, x, err
 			}
-		} else if x, err = e.catchupXDCR(ctx, id, h, profile); err != nil {
+		} else if x, err = e.catchupXDCR(ctx, m, h, profile); err != nil {
 			return 0, x, err
 		}
 	}
@@ -218,7 +238,7 @@ func (e *env) bulkCatchup(ctx context.Context, r int, nativeFirst bool) error {
 			return err
 		}
 	}
-	id, _, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return err
 	}
@@ -237,7 +257,7 @@ func (e *env) bulkCatchup(ctx context.Context, r int, nativeFirst bool) error {
 	if e.o.ProfileDir != "" && r == 0 {
 		profile = "bulk"
 	}
-	native, x, err := e.both(ctx, id, nativeFirst, h, profile)
+	native, x, err := e.both(ctx, m, nativeFirst, h, profile)
 	if err != nil {
 		return err
 	}
@@ -279,13 +299,13 @@ func (e *env) waitXDCR(ctx context.Context) error {
 			return err
 		}
 	}
-	id, _, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return err
 	}
 	wctx, cancel := context.WithTimeout(ctx, e.sc.Timeout)
 	defer cancel()
-	if _, err := waitMarker(wctx, e.xdst, id); err != nil {
+	if _, err := waitMarker(wctx, e.xdst, m.id); err != nil {
 		return fmt.Errorf("xdcr: %w", err)
 	}
 	return nil
@@ -293,11 +313,11 @@ func (e *env) waitXDCR(ctx context.Context) error {
 
 // waitNative catches the native target up (untimed) and disables it again.
 func (e *env) waitNative(ctx context.Context) error {
-	id, _, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return err
 	}
-	_, err = e.catchupNative(ctx, id)
+	_, err = e.catchupNative(ctx, m.id)
 	return err
 }
 
@@ -320,7 +340,7 @@ func (e *env) captureOnly(ctx context.Context, r int, nativeRate float64) error 
 	if _, err := e.pgbenchBacklog(ctx, e.sc.TxnsPerClient); err != nil {
 		return err
 	}
-	id, before, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return err
 	}
@@ -332,7 +352,7 @@ func (e *env) captureOnly(ctx context.Context, r int, nativeRate float64) error 
 	}
 	wctx, cancel := context.WithTimeout(ctx, e.sc.Timeout)
 	defer cancel()
-	w, err := e.watchStream(wctx, before)
+	w, err := e.watchStream(wctx, 0, m.lsn)
 	if err != nil {
 		return err
 	}
@@ -352,7 +372,7 @@ func (e *env) captureOnly(ctx context.Context, r int, nativeRate float64) error 
 	if err := ha.release(ctx); err != nil {
 		return err
 	}
-	seen, err := waitMarker(wctx, e.xdst, id)
+	seen, err := waitMarker(wctx, e.xdst, m.id)
 	if err != nil {
 		return fmt.Errorf("apply: %w; agent log %s", err, e.c.LogPath(e.replica))
 	}
@@ -390,7 +410,7 @@ func (e *env) memory(ctx context.Context, walPerTxn float64) error {
 	if err != nil {
 		return err
 	}
-	id, _, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return err
 	}
@@ -400,7 +420,7 @@ func (e *env) memory(ctx context.Context, walPerTxn float64) error {
 	if err := e.armCapture(ctx, h); err != nil {
 		return err
 	}
-	x, err := e.catchupXDCR(ctx, id, h, "")
+	x, err := e.catchupXDCR(ctx, m, h, "")
 	if err != nil {
 		return err
 	}

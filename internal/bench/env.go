@@ -184,11 +184,11 @@ func setup(ctx context.Context, o Options, sc Scale, rep *Report) (_ *env, err e
 	if err := e.c.WaitReady(wctx); err != nil {
 		return nil, fmt.Errorf("wait for the agents: %w", err)
 	}
-	id, _, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := waitMarker(wctx, e.xdst, id); err != nil {
+	if _, err := waitMarker(wctx, e.xdst, m.id); err != nil {
 		return nil, fmt.Errorf("xdcr does not replicate: %w (agent logs in %s)", err, filepath.Join(o.Dir, "cluster", "logs"))
 	}
 	e.progress("ready: source %s, xdcr replica %s, native target %s", e.src, e.xdst, e.ndst)
@@ -305,29 +305,35 @@ func (e *env) vacuum(ctx context.Context) error {
 	return nil
 }
 
-// writeMarker commits a new marker row on the source. It returns its id
-// and the WAL insert position taken inside its transaction: every commit
-// record at or after that position is the marker's or a later one's.
-func (e *env) writeMarker(ctx context.Context) (int, uint64, error) {
+// marker is a marker row on the source: its id, and the WAL insert
+// position taken inside its transaction (every commit record at or after
+// it is the marker's or a later one's).
+type marker struct {
+	id  int
+	lsn uint64
+}
+
+// writeMarker commits a new marker row on the source.
+func (e *env) writeMarker(ctx context.Context) (marker, error) {
 	e.marker++
-	id := e.marker
+	m := marker{id: e.marker}
 	conn, err := pgx.Connect(ctx, e.src)
 	if err != nil {
-		return 0, 0, err
+		return m, err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	var lsn string
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "INSERT INTO bench_marker (id) VALUES ($1)", id); err != nil {
+		if _, err := tx.Exec(ctx, "INSERT INTO bench_marker (id) VALUES ($1)", m.id); err != nil {
 			return err
 		}
 		return tx.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&lsn)
 	})
 	if err != nil {
-		return 0, 0, fmt.Errorf("write marker %d: %w", id, err)
+		return m, fmt.Errorf("write marker %d: %w", m.id, err)
 	}
-	before, err := parseLSN(lsn)
-	return id, before, err
+	m.lsn, err = parseLSN(lsn)
+	return m, err
 }
 
 // waitMarker polls dsn every 5 ms until marker id is visible and returns

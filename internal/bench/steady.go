@@ -103,13 +103,13 @@ func (e *env) steadyXDCR(ctx context.Context, rate int) (lagStats, error) {
 
 // catchUp writes a marker and waits until target has it.
 func (e *env) catchUp(ctx context.Context, target string) error {
-	id, _, err := e.writeMarker(ctx)
+	m, err := e.writeMarker(ctx)
 	if err != nil {
 		return err
 	}
 	wctx, cancel := context.WithTimeout(ctx, e.sc.Timeout)
 	defer cancel()
-	_, err = waitMarker(wctx, target, id)
+	_, err = waitMarker(wctx, target, m.id)
 	return err
 }
 

@@ -23,12 +23,13 @@ type streamWatch struct {
 	stop  func()
 }
 
-// watchStream starts watching the source site's stream for a run of
+// watchStream starts watching the primary's stream in site (the index in
+// e.sites: 0 the source, 1 the replica's mirror) for a run of
 // transactions whose last commit LSN is at or beyond after (a commit
 // record starts at or after the insert position its transaction saw). Message ids name the
 // LSNs (transport.MsgID), so the payloads need not travel.
-func (e *env) watchStream(ctx context.Context, after uint64) (*streamWatch, error) {
-	nc, err := e.sites.List[0].NATS.Connect()
+func (e *env) watchStream(ctx context.Context, site int, after uint64) (*streamWatch, error) {
+	nc, err := e.sites.List[site].NATS.Connect()
 	if err != nil {
 		return nil, err
 	}
@@ -95,6 +96,16 @@ func (w *streamWatch) wait(ctx context.Context) (time.Time, error) {
 		return time.Time{}, err
 	case <-ctx.Done():
 		return time.Time{}, fmt.Errorf("wait for the marker in the stream: %w", ctx.Err())
+	}
+}
+
+// seen returns when the batch was seen, if it was.
+func (w *streamWatch) seen() (time.Time, bool) {
+	select {
+	case t := <-w.found:
+		return t, true
+	default:
+		return time.Time{}, false
 	}
 }
 
