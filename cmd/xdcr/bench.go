@@ -46,7 +46,8 @@ everything works.
 
 --profile DIR also writes CPU and allocation profiles of the agents (and of
 this process, which runs the NATS servers) taken while they drain the
-pgbench and bulk backlogs of the first repetition.`,
+pgbench and bulk backlogs of the first repetition, and during each steady
+run of xdcr.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()

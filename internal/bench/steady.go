@@ -98,7 +98,17 @@ func (e *env) steadyXDCR(ctx context.Context, rate int) (lagStats, error) {
 	if err := e.catchUp(ctx, e.xdst); err != nil {
 		return lagStats{}, err
 	}
-	return e.measureLag(ctx, e.xdst, rate)
+	var prof *profiler
+	if e.o.ProfileDir != "" {
+		prof = e.startProfiles(ctx, fmt.Sprintf("steady%d", rate), e.primary, e.replica)
+	}
+	l, err := e.measureLag(ctx, e.xdst, rate)
+	if prof != nil {
+		if perr := prof.wait(); perr != nil {
+			e.progress("  profiles: %v", perr)
+		}
+	}
+	return l, err
 }
 
 // catchUp writes a marker and waits until target has it.
@@ -136,11 +146,13 @@ func (e *env) measureLag(ctx context.Context, target string, rate int) (lagStats
 		return lagStats{}, err
 	}
 	start := time.Now()
+	cpu := e.watchCPU()
 	out, err := e.pgbenchCmd(ctx, e.src, "", "-n", "-M", "prepared", "-c", strconv.Itoa(e.sc.Clients), "-j", "2",
 		"-R", strconv.Itoa(rate), "-T", strconv.Itoa(int(e.sc.Duration.Seconds())))
 	if err != nil {
 		return lagStats{}, fmt.Errorf("pgbench: %w\n%s", err, out)
 	}
+	e.progress("  %s", cpu.report(ctx))
 	l := lagStats{}
 	if m := tpsRE.FindStringSubmatch(out); m != nil {
 		l.tps, _ = strconv.ParseFloat(m[1], 64)
