@@ -263,6 +263,9 @@ func (c *Capture) session(ctx context.Context) error {
 }
 
 const (
+	// patienceMargin is how long before a run's flush reads turn eager
+	// again, so that what was gathered is decoded before the flush.
+	patienceMargin = time.Millisecond
 	// defaultReadGulp is CaptureConfig.ReadGulp's default.
 	defaultReadGulp = 2 * time.Millisecond
 	// maxInFlightBytes bounds the unacknowledged publishes by size (as
@@ -538,6 +541,13 @@ func (s *captureSession) loop(ctx context.Context) error {
 		if !deadline.After(now) {
 			deadline = now.Add(time.Millisecond)
 		}
+		// while a run waits for its flush, what commits meanwhile joins it
+		// however promptly it is read: read it in one go just before
+		var patient time.Time
+		if len(s.run) > 0 {
+			patient = s.runStart.Add(s.cfg.FlushInterval - patienceMargin)
+		}
+		s.sock.Patient(patient)
 		// no context per message: a timer for each would cost more than
 		// decoding it
 		if err := s.sock.ReadBy(now, deadline); err != nil {

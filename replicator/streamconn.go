@@ -18,16 +18,20 @@ import (
 // source is far ahead of what was received (Behind), each read from the
 // socket first lets the kernel gather what the sender produces for a moment
 // (gulp), so one read brings in many messages and both sides do less work.
-// Once caught up, reads are eager again and add no latency.
+// Once caught up, reads are eager again, except while the capture loop
+// holds committed transactions back to share a message with later ones
+// anyway (Patient): a read waits, up to a gulp, until shortly before that
+// message goes out, and what committed meanwhile still joins it.
 //
 // It also keeps the read deadline the capture loop asks for without
 // touching the socket when the deadline does not move earlier, so the loop
 // need not wrap every message in a context with a timer.
 type streamConn struct {
 	net.Conn
-	r      *bufio.Reader
-	gulp   time.Duration
-	behind atomic.Bool
+	r       *bufio.Reader
+	gulp    time.Duration
+	behind  atomic.Bool
+	patient atomic.Int64 // unix nanoseconds a read may wait until; 0 for none
 
 	mu       sync.Mutex
 	deadline time.Time // read deadline in force; zero when unknown
@@ -42,11 +46,29 @@ func newStreamConn(c net.Conn, gulp time.Duration) *streamConn {
 }
 
 func (c *streamConn) Read(p []byte) (int, error) {
-	if c.r.Buffered() == 0 && c.gulp > 0 && c.behind.Load() {
-		time.Sleep(c.gulp)
-		c.keepGulp()
+	if c.r.Buffered() == 0 && c.gulp > 0 {
+		var wait time.Duration
+		if c.behind.Load() {
+			wait = c.gulp
+		} else if until := c.patient.Load(); until != 0 {
+			wait = min(c.gulp, time.Until(time.Unix(0, until)))
+		}
+		if wait > 0 {
+			time.Sleep(wait)
+			c.keepGulp()
+		}
 	}
 	return c.r.Read(p)
+}
+
+// Patient lets reads wait until t for more to arrive (the zero time:
+// read eagerly).
+func (c *streamConn) Patient(t time.Time) {
+	var n int64
+	if !t.IsZero() {
+		n = t.UnixNano()
+	}
+	c.patient.Store(n)
 }
 
 // keepGulp moves a read deadline that passed while waiting for the gulp a

@@ -44,6 +44,36 @@ func TestStreamConn(t *testing.T) {
 		t.Fatalf("read %q, %v; want hello", buf[:n], err)
 	}
 
+	// caught up, a patient read waits (a gulp at most) before it reads,
+	// so that more arrives; an eager one returns what is there
+	c.Behind(false)
+	c.Patient(time.Now().Add(time.Hour))
+	if _, err := peer.Write([]byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	now = time.Now()
+	if err := c.ReadBy(now, now.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(buf); err != nil || string(buf[:n]) != "abc" {
+		t.Fatalf("patient read %q, %v; want abc", buf[:n], err)
+	}
+	if d := time.Since(now); d < 4*time.Millisecond {
+		t.Fatalf("a patient read returned after %v, before its gulp of 5ms", d)
+	}
+	c.Patient(time.Time{})
+	if _, err := peer.Write([]byte("d")); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if n, err := c.Read(buf); err != nil || string(buf[:n]) != "d" {
+		t.Fatalf("eager read %q, %v; want d", buf[:n], err)
+	}
+	if d := time.Since(start); d > 4*time.Millisecond {
+		t.Logf("note: an eager read took %v", d)
+	}
+	c.Behind(true)
+
 	// nothing arrives: the read times out soon after the deadline
 	now = time.Now()
 	if err := c.ReadBy(now, now.Add(20*time.Millisecond)); err != nil {
