@@ -618,7 +618,7 @@ func (w *applier) commitGroup(ctx context.Context) (bool, error) {
 	w.head.Seq = w.lastSeq
 	// the position goes first: its row lock keeps a second agent of the
 	// same site from applying the same transactions concurrently
-	w.queued = append([]stmt{w.advanceStmt(w.lastSeq)}, w.queued...)
+	w.queued = slices.Insert(w.queued, 0, w.advanceStmt(w.lastSeq))
 	if err := w.exec(ctx); err != nil {
 		return false, err
 	}

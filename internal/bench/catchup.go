@@ -77,7 +77,7 @@ type xdcrRun struct {
 }
 
 // catchupXDCR lets the held capture go and returns how long it took until
-// marker id was visible on xdcr's replica, and the agents' peak RSS
+// marker m was visible on xdcr's replica, and the agents' peak RSS
 // meanwhile. profile names the profiles to take, "" for none.
 func (e *env) catchupXDCR(ctx context.Context, m marker, h *hold, profile string) (xdcrRun, error) {
 	wctx, cancel := context.WithTimeout(ctx, e.sc.Timeout)
