@@ -219,3 +219,58 @@ CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);`,
 		t.Errorf("the capture never finished a catch-up through SQL (see its log)")
 	}
 }
+
+// TestCatchUpPassesOpenTransaction: a transaction that began before a
+// backlog and is still open when the capture catches up through SQL. The
+// rounds end at the WAL flush position and the slot advances there, past
+// the transaction's first changes; it commits afterwards and must still
+// arrive whole, once.
+func TestCatchUpPassesOpenTransaction(t *testing.T) {
+	c := newCluster(t, clusterOpts{
+		schema: `CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);
+CREATE TABLE public.straddle (id int PRIMARY KEY, v text NOT NULL);`,
+		tables: []string{"bulk", "straddle"},
+		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRound = 2000 },
+	})
+	ctx := t.Context()
+	capture := topology.NodeID(c.Config.Primary)
+	if err := c.StopAgent(capture, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	open := connect(t, c, c.Config.Primary)
+	tx, err := open.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO straddle SELECT g, 'before' FROM generate_series(1, 100) g`); err != nil {
+		t.Fatal(err)
+	}
+	// ~24 MiB of WAL in 60 transactions of 1,000 rows
+	for i := range 60 {
+		execOn(t, c, c.Config.Primary, `INSERT INTO bulk SELECT g, repeat(md5(g::text), 12) FROM generate_series($1::int, $1::int + 999) g`, i*1000+1)
+	}
+	if err := c.StartAgent(ctx, capture); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, c, capture, "capture caught up through SQL", 2*time.Minute)
+	if _, err := tx.Exec(ctx, `INSERT INTO straddle SELECT g, 'after' FROM generate_series(101, 200) g`); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	converge(t, c, 3*time.Minute)
+	for _, site := range replicas(c) {
+		assertCount(t, c, site, "bulk", 60_000)
+		assertCount(t, c, site, "straddle", 200)
+	}
+	complete := false
+	for _, e := range readLog(c.LogPath(capture)) {
+		if e["msg"] == "catch-up round" && e["complete"] == true {
+			complete = true
+		}
+	}
+	if !complete {
+		t.Error("no catch-up round came back complete: the slot never advanced to a flush position (see the capture's log)")
+	}
+}
