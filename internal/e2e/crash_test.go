@@ -171,6 +171,9 @@ CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);`,
 	})
 	ctx := t.Context()
 	victim := topology.NodeID(c.Config.Primary)
+	// the slot must exist before the backlog: a capture's first start
+	// creates it where the WAL is then
+	waitLog(t, c, victim, "capture streaming", time.Minute)
 	if err := c.StopAgent(victim, time.Minute); err != nil {
 		t.Fatal(err)
 	}
@@ -234,6 +237,7 @@ CREATE TABLE public.straddle (id int PRIMARY KEY, v text NOT NULL);`,
 	})
 	ctx := t.Context()
 	capture := topology.NodeID(c.Config.Primary)
+	waitLog(t, c, capture, "capture streaming", time.Minute) // the slot exists
 	if err := c.StopAgent(capture, time.Minute); err != nil {
 		t.Fatal(err)
 	}
