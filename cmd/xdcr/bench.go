@@ -18,6 +18,8 @@ type benchOptions struct {
 	keep    bool
 	only    []string
 	profile string
+	rates   []int
+	stages  bool
 }
 
 func newBenchCmd(g *globalOptions) *cobra.Command {
@@ -47,7 +49,12 @@ everything works.
 --profile DIR also writes CPU and allocation profiles of the agents (and of
 this process, which runs the NATS servers) taken while they drain the
 pgbench and bulk backlogs of the first repetition, and during each steady
-run of xdcr.`,
+run of xdcr.
+
+--stages splits the lag of every transaction of xdcr's steady runs into
+source commit → the primary's stream → the replica's mirror → applied
+(two more consumers of the stream, so it adds a little to what it
+measures); --rates replaces the steady workload's offered rates.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
@@ -87,6 +94,8 @@ run of xdcr.`,
 				Dir:        dir,
 				Only:       o.only,
 				ProfileDir: o.profile,
+				Rates:      o.rates,
+				Stages:     o.stages,
 				Progress:   cmd.ErrOrStderr(),
 				Logger:     log,
 			})
@@ -106,5 +115,7 @@ run of xdcr.`,
 	cmd.Flags().BoolVar(&o.keep, "keep", false, "keep the temporary directory afterwards")
 	cmd.Flags().StringSliceVar(&o.only, "workload", nil, "run only these workloads: "+strings.Join(bench.Workloads(), ", "))
 	cmd.Flags().StringVar(&o.profile, "profile", "", "write pprof profiles of the agents to this directory")
+	cmd.Flags().IntSliceVar(&o.rates, "rates", nil, "offered rates of the steady workload, txn/s (default: the scale's, 500,1500 at full)")
+	cmd.Flags().BoolVar(&o.stages, "stages", false, "split xdcr's steady lag at the primary's stream and the replica's mirror")
 	return cmd
 }

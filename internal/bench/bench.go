@@ -73,6 +73,15 @@ type Options struct {
 	// servers) while they drain the pgbench and bulk backlogs, and write
 	// them there.
 	ProfileDir string
+	// Rates, when set, replaces the scale's offered rates of the steady
+	// workload (transactions per second).
+	Rates []int
+	// Stages makes each steady run of xdcr also follow the primary's
+	// stream on both sites and split every transaction's lag at the
+	// stream and the mirror. It costs the NATS servers CPU (two more
+	// consumers of every message) and so adds a little to what it
+	// measures.
+	Stages bool
 	// Progress receives one line per step (stderr).
 	Progress io.Writer
 	// Logger receives the servers' and agents' lifecycle events.
@@ -196,6 +205,14 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		if !slices.Contains(workloads, w) {
 			return nil, fmt.Errorf("unknown workload %q (have %s)", w, strings.Join(workloads, ", "))
 		}
+	}
+	for _, r := range o.Rates {
+		if r < 1 {
+			return nil, fmt.Errorf("steady rate %d: want at least 1 transaction per second", r)
+		}
+	}
+	if len(o.Rates) > 0 {
+		sc.Rates = o.Rates
 	}
 	if o.Binary == "" {
 		return nil, errors.New("no xdcr binary for the agents")

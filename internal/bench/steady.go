@@ -82,7 +82,7 @@ func (e *env) steadyNative(ctx context.Context, rate int) (lagStats, error) {
 	if err := e.catchUp(ctx, e.ndst); err != nil {
 		return lagStats{}, err
 	}
-	l, err := e.measureLag(ctx, e.ndst, rate)
+	l, err := e.measureLag(ctx, e.ndst, rate, nil)
 	if err != nil {
 		return l, err
 	}
@@ -102,7 +102,15 @@ func (e *env) steadyXDCR(ctx context.Context, rate int) (lagStats, error) {
 	if e.o.ProfileDir != "" {
 		prof = e.startProfiles(ctx, fmt.Sprintf("steady%d", rate), e.primary, e.replica)
 	}
-	l, err := e.measureLag(ctx, e.xdst, rate)
+	var trace *stageTrace
+	if e.o.Stages {
+		var err error
+		if trace, err = e.traceStages(ctx); err != nil {
+			return lagStats{}, err
+		}
+		defer trace.close()
+	}
+	l, err := e.measureLag(ctx, e.xdst, rate, trace)
 	if prof != nil {
 		if perr := prof.wait(); perr != nil {
 			e.progress("  profiles: %v", perr)
@@ -131,8 +139,9 @@ type lagStats struct {
 
 // measureLag runs pgbench at rate against the source while target
 // replicates, and computes the lag of every transaction committed after
-// the warm-up.
-func (e *env) measureLag(ctx context.Context, target string, rate int) (lagStats, error) {
+// the warm-up; with a trace, it also says how that lag splits between the
+// stages.
+func (e *env) measureLag(ctx context.Context, target string, rate int, trace *stageTrace) (lagStats, error) {
 	if err := execSQL(ctx, target, "ALTER TABLE pgbench_history ENABLE ALWAYS TRIGGER stamp_applied"); err != nil {
 		return lagStats{}, err
 	}
@@ -173,6 +182,7 @@ func (e *env) measureLag(ctx context.Context, target string, rate int) (lagStats
 	}
 	from := start.Add(e.sc.Warmup)
 	lags := make([]float64, 0, len(commits))
+	var traced [2][]time.Time // commit and apply times after the warm-up
 	for hid, c := range commits {
 		a, ok := applied[hid]
 		if !ok {
@@ -185,6 +195,10 @@ func (e *env) measureLag(ctx context.Context, target string, rate int) (lagStats
 			continue
 		}
 		lags = append(lags, float64(a.Sub(c).Microseconds())/1000)
+		traced[0], traced[1] = append(traced[0], c), append(traced[1], a)
+	}
+	if trace != nil {
+		e.progress("  %s", trace.stages(traced[0], traced[1], e.srcSite, e.sites.List[1].Name))
 	}
 	if len(lags) == 0 {
 		return l, fmt.Errorf("no transaction committed after the %s warm-up", e.sc.Warmup)

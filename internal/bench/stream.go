@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/xdcr/xdcr/transport"
@@ -17,7 +16,6 @@ import (
 // streamWatch follows the primary's stream, headers only, until a batch
 // holds a transaction committed after a WAL position.
 type streamWatch struct {
-	nc    *nats.Conn
 	found chan time.Time
 	errc  chan error
 	stop  func()
@@ -29,6 +27,33 @@ type streamWatch struct {
 // record starts at or after the insert position its transaction saw). Message ids name the
 // LSNs (transport.MsgID), so the payloads need not travel.
 func (e *env) watchStream(ctx context.Context, site int, after uint64) (*streamWatch, error) {
+	w := &streamWatch{found: make(chan time.Time, 1), errc: make(chan error, 1)}
+	stop, err := e.followStream(ctx, site, true, func(m jetstream.Msg, at time.Time) {
+		last, ok := runLastLSN(m.Headers().Get(jetstream.MsgIDHeader))
+		if ok && last >= after {
+			select {
+			case w.found <- at:
+			default:
+			}
+		}
+	}, func(err error) {
+		select {
+		case w.errc <- err:
+		default:
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	w.stop = stop
+	return w, nil
+}
+
+// followStream calls fn with every message the primary's stream in site
+// stores from now on, and when it arrived, until stop is called; gone is
+// called if the consumer is deleted underneath.
+func (e *env) followStream(ctx context.Context, site int, headersOnly bool,
+	fn func(m jetstream.Msg, at time.Time), gone func(error)) (stop func(), err error) {
 	nc, err := e.sites.List[site].NATS.Connect()
 	if err != nil {
 		return nil, err
@@ -52,38 +77,26 @@ func (e *env) watchStream(ctx context.Context, site int, after uint64) (*streamW
 	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
 		DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq:   info.State.LastSeq + 1,
-		HeadersOnly:   true,
+		HeadersOnly:   headersOnly,
 	})
 	if err != nil {
 		nc.Close()
 		return nil, err
 	}
-	w := &streamWatch{nc: nc, found: make(chan time.Time, 1), errc: make(chan error, 1)}
-	cc, err := cons.Consume(func(m jetstream.Msg) {
-		last, ok := runLastLSN(m.Headers().Get(jetstream.MsgIDHeader))
-		if ok && last >= after {
-			select {
-			case w.found <- time.Now():
-			default:
+	cc, err := cons.Consume(func(m jetstream.Msg) { fn(m, time.Now()) },
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			if errors.Is(err, jetstream.ErrConsumerDeleted) {
+				gone(err)
 			}
-		}
-	}, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-		if errors.Is(err, jetstream.ErrConsumerDeleted) {
-			select {
-			case w.errc <- err:
-			default:
-			}
-		}
-	}))
+		}))
 	if err != nil {
 		nc.Close()
 		return nil, err
 	}
-	w.stop = func() {
+	return func() {
 		cc.Stop()
 		nc.Close()
-	}
-	return w, nil
+	}, nil
 }
 
 // wait returns when the batch was seen.
