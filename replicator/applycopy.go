@@ -98,17 +98,9 @@ func (w *applier) copyRows(ctx context.Context, run []stmt, keep bool) error {
 // endCopy ends the open COPY, if any, and checks that the replica took
 // every row.
 func (w *applier) endCopy() error {
-	c := w.copying
+	c := w.closeCopy(nil)
 	if c == nil {
 		return nil
-	}
-	w.copying = nil
-	close(c.full)
-	<-c.ended
-	for len(c.free) > 0 {
-		if buf := <-c.free; buf != nil {
-			w.spare = append(w.spare, buf) // for the next COPY
-		}
 	}
 	if c.err != nil {
 		return fmt.Errorf("%d inserts into %s as one COPY (stream seq %d to %d, source transactions %s to %s): %w",
@@ -122,15 +114,26 @@ func (w *applier) endCopy() error {
 
 // abortCopy gives up the open COPY, if any: the replica discards its rows
 // and fails the transaction, which the caller rolls back or abandons.
-func (w *applier) abortCopy(why error) {
+func (w *applier) abortCopy(why error) { w.closeCopy(why) }
+
+// closeCopy ends the open COPY, failing it with why unless why is nil,
+// waits for CopyFrom to return and keeps its buffers for the next COPY.
+// It returns the ended COPY, nil if none was open.
+func (w *applier) closeCopy(why error) *openCopy {
 	c := w.copying
 	if c == nil {
-		return
+		return nil
 	}
 	w.copying = nil
 	c.abort = why
 	close(c.full)
 	<-c.ended
+	for len(c.free) > 0 {
+		if buf := <-c.free; buf != nil {
+			w.spare = append(w.spare, buf)
+		}
+	}
+	return c
 }
 
 // idle returns the apply connection for a statement, ending the open COPY
