@@ -76,9 +76,10 @@ func TestGatherAndSplit(t *testing.T) {
 	b := &target{table: Table{Schema: "public", Name: "b"}}
 	ins := func(tg *target, row string) stmt { return stmt{sql: "i" + row, rows: 1, row: row, copy: tg} }
 	upd := func(row string) stmt { return stmt{sql: "u" + row, rows: 1, row: row, whole: true} }
+	n := copyMin + 2 // inserts into each table: enough for a COPY
 	var in []stmt
 	in = append(in, stmt{sql: "pos"})
-	for i := range 10 {
+	for i := range n {
 		r := strconv.Itoa(i)
 		in = append(in, ins(a, "a"+r), upd("x"+r), ins(b, "b"+r))
 	}
@@ -90,14 +91,18 @@ func TestGatherAndSplit(t *testing.T) {
 	for _, s := range out {
 		got = append(got, s.sql)
 	}
-	// ia9 is a's last movable insert and ib9 b's: each table's inserts
-	// land where its last one was, so all of a's come before x9's update
-	want := []string{"pos", "ux0", "ux1", "ux2", "ux3", "ux4", "ux5", "ux6", "ux7", "ux8"}
-	for i := range 10 {
+	// ia<n-1> is a's last movable insert and ib<n-1> b's: each table's
+	// inserts land where its last one was, so all of a's come before the
+	// last update
+	want := []string{"pos"}
+	for i := range n - 1 {
+		want = append(want, "ux"+strconv.Itoa(i))
+	}
+	for i := range n {
 		want = append(want, "ia"+strconv.Itoa(i))
 	}
-	want = append(want, "ux9")
-	for i := range 10 {
+	want = append(want, "ux"+strconv.Itoa(n-1))
+	for i := range n {
 		want = append(want, "ib"+strconv.Itoa(i))
 	}
 	want = append(want, "ia99", "ua99", "trunc", "ia100")
@@ -113,7 +118,7 @@ func TestGatherAndSplit(t *testing.T) {
 		sizes = append(sizes, len(p.stmts))
 		copies = append(copies, p.copy)
 	}
-	if want := []int{10, 10, 1, 10, 4}; !slices.Equal(sizes, want) {
+	if want := []int{n, n, 1, n, 4}; !slices.Equal(sizes, want) {
 		t.Fatalf("split into parts of %v, want %v", sizes, want)
 	}
 	if want := []bool{false, true, false, true, false}; !slices.Equal(copies, want) {
@@ -170,6 +175,23 @@ func TestOneCopyRun(t *testing.T) {
 	} {
 		if got := oneCopyRun(tc.in); got != tc.want {
 			t.Errorf("%s: oneCopyRun = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestSplitShortRun: a run of inserts into one table goes as a COPY from
+// copyMin rows on, and as part of the batch below that.
+func TestSplitShortRun(t *testing.T) {
+	a := &target{table: Table{Schema: "public", Name: "a"}}
+	for _, n := range []int{copyMin - 1, copyMin} {
+		in := []stmt{{sql: "pos"}}
+		for range n {
+			in = append(in, stmt{sql: "ia", copy: a})
+		}
+		parts := split(in)
+		copied := len(parts) == 2 && parts[1].copy && len(parts[1].stmts) == n
+		if batched := len(parts) == 1 && !parts[0].copy; n < copyMin && !batched || n >= copyMin && !copied {
+			t.Errorf("%d inserts: %d parts, want them %s", n, len(parts), map[bool]string{true: "as one COPY", false: "in the batch"}[n >= copyMin])
 		}
 	}
 }
