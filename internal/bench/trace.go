@@ -21,6 +21,7 @@ type stageTrace struct {
 	mu   sync.Mutex
 	at   [2]map[int64]time.Time // commit time (unix µs) → when it arrived in e.sites[i]
 	bad  int                    // messages that did not decode
+	gone [2]error               // why a site's consumer went away, if it did
 	stop []func()
 }
 
@@ -39,7 +40,11 @@ func (e *env) traceStages(ctx context.Context) (*stageTrace, error) {
 			for i := range b.Txns {
 				t.at[site][b.Txns[i].CommitTime.UnixMicro()] = at
 			}
-		}, func(error) {})
+		}, func(err error) {
+			t.mu.Lock()
+			defer t.mu.Unlock()
+			t.gone[site] = err
+		})
 		if err != nil {
 			t.close()
 			return nil, err
@@ -73,14 +78,23 @@ func (t *stageTrace) stages(commits, applied []time.Time, src, dst string) strin
 			parts[j] = append(parts[j], float64(d.Microseconds())/1000)
 		}
 	}
+	var missing string
+	if t.bad > 0 {
+		missing = fmt.Sprintf(" (%d messages did not decode)", t.bad)
+	}
+	for site, err := range t.gone {
+		if err != nil {
+			missing += fmt.Sprintf(" (the consumer on site %d stopped: %v)", site, err)
+		}
+	}
 	n := len(parts[0])
 	if n == 0 {
-		return fmt.Sprintf("no transaction traced (%d messages did not decode)", t.bad)
+		return "no transaction traced" + missing
 	}
 	stat := func(v []float64) string {
 		slices.Sort(v)
 		return fmt.Sprintf("%.2f / %.2f / %.1f", percentile(v, 0.5), percentile(v, 0.99), v[len(v)-1])
 	}
-	return fmt.Sprintf("lag by stage, p50 / p99 / max ms, %d of %d transactions traced: commit → %s's stream %s; → %s's mirror %s; → applied %s",
-		n, len(commits), src, stat(parts[0]), dst, stat(parts[1]), stat(parts[2]))
+	return fmt.Sprintf("lag by stage, p50 / p99 / max ms, %d of %d transactions traced%s: commit → %s's stream %s; → %s's mirror %s; → applied %s",
+		n, len(commits), missing, src, stat(parts[0]), dst, stat(parts[1]), stat(parts[2]))
 }
