@@ -40,7 +40,7 @@ $$;`
 // before the fence can be put up), then ends those sessions and tries
 // again. It is idempotent.
 func Fence(ctx context.Context, conn *pgx.Conn, cluster string, tables []Table, grace time.Duration, log *slog.Logger) error {
-	if _, err := conn.Exec(ctx, fenceFunction); err != nil {
+	if _, err := ExecSchemaDDL(ctx, conn, fenceFunction); err != nil {
 		return fmt.Errorf("create the fence function: %w", err)
 	}
 	for attempt := 0; ; attempt++ {

@@ -75,19 +75,36 @@ $$;`
 // takes an advisory lock so that agents starting together do not race on
 // CREATE.
 func EnsureApplySchema(ctx context.Context, conn *pgx.Conn) error {
-	tx, err := conn.Begin(ctx)
-	if err != nil {
-		return fmt.Errorf("create the xdcr schema: %w", err)
-	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
-	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('xdcr.apply_schema'))"); err != nil {
-		return fmt.Errorf("create the xdcr schema: %w", err)
-	}
-	if _, err := tx.Exec(ctx, applySchema); err != nil {
+	ddl, err := ExecSchemaDDL(ctx, conn, applySchema)
+	if ddl {
 		return permanent(fmt.Errorf("create the xdcr schema: %w", err),
 			"the agent's role needs CREATE on the database (or create schema xdcr and its objects as the owner)")
 	}
-	return tx.Commit(ctx)
+	if err != nil {
+		return fmt.Errorf("create the xdcr schema: %w", err)
+	}
+	return nil
+}
+
+// ExecSchemaDDL runs sql, DDL of xdcr's own objects, in a transaction that
+// first takes an advisory lock. The agents, `xdcr sync` and the cache tail
+// create these objects, sometimes at the same moment, and two sessions
+// running CREATE OR REPLACE FUNCTION on one function at once make one fail
+// ("tuple concurrently updated"). ddl says whether an error came from sql
+// itself, not from the transaction around it.
+func ExecSchemaDDL(ctx context.Context, conn *pgx.Conn, sql string) (ddl bool, err error) {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('xdcr.apply_schema'))"); err != nil {
+		return false, err
+	}
+	if _, err := tx.Exec(ctx, sql); err != nil {
+		return true, err
+	}
+	return false, tx.Commit(ctx)
 }
 
 // loadPosition reads the applied position, creating the row of a cluster

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os/exec"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -154,10 +155,23 @@ func TestAddTableToRunningCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	// writes to both tables before, during and after the copies
+	conn := connect(t, c, c.Config.Primary)
 	stop := make(chan struct{})
 	writer := make(chan error, 1)
+	var (
+		stopOnce sync.Once
+		werr     error
+	)
+	halt := func() error {
+		stopOnce.Do(func() {
+			close(stop)
+			werr = <-writer
+		})
+		return werr
+	}
+	// a failing test stops the writer before conn's cleanup closes it
+	t.Cleanup(func() { _ = halt() })
 	go func() {
-		conn := connect(t, c, c.Config.Primary)
 		for i := 1; ; i++ {
 			select {
 			case <-stop:
@@ -187,8 +201,7 @@ func TestAddTableToRunningCluster(t *testing.T) {
 		}
 	}
 	time.Sleep(time.Second)
-	close(stop)
-	if err := <-writer; err != nil {
+	if err := halt(); err != nil {
 		t.Fatal(err)
 	}
 	converge(t, c, 2*time.Minute)

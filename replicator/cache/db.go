@@ -51,18 +51,10 @@ func ensureSchema(ctx context.Context, conn *pgx.Conn) error {
 	if err := replicator.EnsureApplySchema(ctx, conn); err != nil {
 		return err
 	}
-	tx, err := conn.Begin(ctx)
-	if err != nil {
+	if _, err := replicator.ExecSchemaDDL(ctx, conn, positionSchema); err != nil {
 		return fmt.Errorf("create xdcr.cache_position: %w", err)
 	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
-	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('xdcr.apply_schema'))"); err != nil {
-		return fmt.Errorf("create xdcr.cache_position: %w", err)
-	}
-	if _, err := tx.Exec(ctx, positionSchema); err != nil {
-		return fmt.Errorf("create xdcr.cache_position: %w", err)
-	}
-	return tx.Commit(ctx)
+	return nil
 }
 
 // outboxRow is one row of xdcr.cache_outbox: what one source transaction
