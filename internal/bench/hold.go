@@ -67,8 +67,9 @@ func (e *env) armCapture(ctx context.Context, h *hold) error {
 }
 
 // holdApply restarts the apply agent while the replica's advisory lock
-// on the apply schema is held: its apply session waits before it reads
-// its position or subscribes to the stream.
+// on xdcr's schema is held: the agent waits before it fences the site's
+// tables (or, were they fenced already another way, before its apply
+// session reads its position), so nothing is applied until the release.
 func (e *env) holdApply(ctx context.Context) (*hold, error) {
 	conn, err := pgx.Connect(ctx, e.xdst)
 	if err != nil {
@@ -78,14 +79,14 @@ func (e *env) holdApply(ctx context.Context) (*hold, error) {
 	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtext('xdcr.apply_schema'))"); err != nil {
 		return nil, errors.Join(fmt.Errorf("hold apply: %w", err), h.release(context.WithoutCancel(ctx)))
 	}
-	if err := e.restartBlocked(ctx, e.replica, e.xdst, "xdcr-apply", "advisory"); err != nil {
+	if err := e.restartBlocked(ctx, e.replica, e.xdst, "xdcr%", "advisory"); err != nil {
 		return nil, errors.Join(err, h.release(context.WithoutCancel(ctx)))
 	}
 	return h, nil
 }
 
 // restartBlocked restarts node's agent and waits until a session of it
-// (application_name app) waits on a lock of the given kind in dsn.
+// (application_name LIKE app) waits on a lock of the given kind in dsn.
 func (e *env) restartBlocked(ctx context.Context, node, dsn, app, event string) error {
 	if err := e.stopAgent(ctx, node); err != nil {
 		return err
@@ -102,7 +103,7 @@ func (e *env) restartBlocked(ctx context.Context, node, dsn, app, event string) 
 	for {
 		var n int
 		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-			WHERE application_name = $1 AND wait_event_type = 'Lock' AND wait_event = $2`, app, event).Scan(&n); err != nil {
+			WHERE application_name LIKE $1 AND wait_event_type = 'Lock' AND wait_event = $2`, app, event).Scan(&n); err != nil {
 			return err
 		}
 		if n > 0 {
