@@ -170,17 +170,8 @@ CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);`,
 		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRound = 2000 },
 	})
 	ctx := t.Context()
-	victim := topology.NodeID(c.Config.Primary)
-	// the slot must exist before the backlog: a capture's first start
-	// creates it where the WAL is then
-	waitLog(t, c, victim, "capture streaming", time.Minute)
-	if err := c.StopAgent(victim, time.Minute); err != nil {
-		t.Fatal(err)
-	}
-	// ~24 MiB of WAL in 60 transactions of 1,000 rows
-	for i := range 60 {
-		execOn(t, c, c.Config.Primary, `INSERT INTO bulk SELECT g, repeat(md5(g::text), 12) FROM generate_series($1::int, $1::int + 999) g`, i*1000+1)
-	}
+	victim := stopCapture(t, c)
+	writeBulkBacklog(t, c)
 	done := workload(ctx, t, c, 3, 300)
 	if err := c.StartAgent(ctx, victim); err != nil {
 		t.Fatal(err)
@@ -236,11 +227,7 @@ CREATE TABLE public.straddle (id int PRIMARY KEY, v text NOT NULL);`,
 		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRound = 2000 },
 	})
 	ctx := t.Context()
-	capture := topology.NodeID(c.Config.Primary)
-	waitLog(t, c, capture, "capture streaming", time.Minute) // the slot exists
-	if err := c.StopAgent(capture, time.Minute); err != nil {
-		t.Fatal(err)
-	}
+	capture := stopCapture(t, c)
 	open := connect(t, c, c.Config.Primary)
 	tx, err := open.Begin(ctx)
 	if err != nil {
@@ -249,10 +236,7 @@ CREATE TABLE public.straddle (id int PRIMARY KEY, v text NOT NULL);`,
 	if _, err := tx.Exec(ctx, `INSERT INTO straddle SELECT g, 'before' FROM generate_series(1, 100) g`); err != nil {
 		t.Fatal(err)
 	}
-	// ~24 MiB of WAL in 60 transactions of 1,000 rows
-	for i := range 60 {
-		execOn(t, c, c.Config.Primary, `INSERT INTO bulk SELECT g, repeat(md5(g::text), 12) FROM generate_series($1::int, $1::int + 999) g`, i*1000+1)
-	}
+	writeBulkBacklog(t, c)
 	if err := c.StartAgent(ctx, capture); err != nil {
 		t.Fatal(err)
 	}
@@ -276,5 +260,27 @@ CREATE TABLE public.straddle (id int PRIMARY KEY, v text NOT NULL);`,
 	}
 	if !complete {
 		t.Error("no catch-up round came back complete: the slot never advanced to a flush position (see the capture's log)")
+	}
+}
+
+// stopCapture stops the primary's agent once its capture has streamed, so
+// that the slot exists before a backlog is written (a capture's first
+// start creates it where the WAL is then), and returns the agent's node.
+func stopCapture(t *testing.T, c *topology.Cluster) string {
+	t.Helper()
+	node := topology.NodeID(c.Config.Primary)
+	waitLog(t, c, node, "capture streaming", time.Minute)
+	if err := c.StopAgent(node, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	return node
+}
+
+// writeBulkBacklog writes ~24 MiB of WAL into public.bulk on the primary:
+// 60 transactions of 1,000 rows, ids 1 to 60,000.
+func writeBulkBacklog(t *testing.T, c *topology.Cluster) {
+	t.Helper()
+	for i := range 60 {
+		execOn(t, c, c.Config.Primary, `INSERT INTO bulk SELECT g, repeat(md5(g::text), 12) FROM generate_series($1::int, $1::int + 999) g`, i*1000+1)
 	}
 }
