@@ -602,6 +602,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 // commitPrefix commits the transactions queued before the current one,
 // which failed to queue.
 func (w *applier) commitPrefix(ctx context.Context) error {
+	clear(w.queued[w.mark:]) // let the failed transaction's deliveries go
 	w.queued = w.queued[:w.mark]
 	w.head = w.prefix
 	_, err := w.commitGroup(ctx)

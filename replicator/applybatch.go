@@ -35,7 +35,11 @@ func (w *applier) exec(ctx context.Context) error {
 	}
 	queued := gather(supersede(w.queued))
 	defer func() {
-		clear(w.queued[:cap(w.queued)]) // let the deliveries go
+		// let the deliveries go; what lies beyond len is already clear
+		// (commitPrefix clears what it cuts off). Clearing up to cap
+		// instead cost the agent a quarter of its CPU in steady state,
+		// once a catch-up had grown the slice to thousands of statements
+		clear(w.queued)
 		w.queued, w.mark = w.queued[:0], 0
 	}()
 	parts := split(queued)
