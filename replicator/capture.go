@@ -43,8 +43,10 @@ type CaptureConfig struct {
 	// MaxBatchBytes bounds one published message (approximately: the sum
 	// of the values plus a small per-change overhead).
 	MaxBatchBytes int
-	// FlushInterval is how long committed transactions may wait to share a
-	// message with later ones.
+	// FlushInterval paces the messages of whole transactions: a run of
+	// committed transactions goes out once FlushInterval has passed since
+	// the last publish, so a transaction waits at most that long to share
+	// a message with later ones, and an isolated one does not wait.
 	FlushInterval time.Duration
 	// StatusInterval is the cadence of standby status updates to PostgreSQL.
 	StatusInterval time.Duration
@@ -263,9 +265,6 @@ func (c *Capture) session(ctx context.Context) error {
 }
 
 const (
-	// patienceMargin is how long before a run's flush reads turn eager
-	// again, so that what was gathered is decoded before the flush.
-	patienceMargin = time.Millisecond
 	// defaultReadGulp is CaptureConfig.ReadGulp's default.
 	defaultReadGulp = 2 * time.Millisecond
 	// maxInFlightBytes bounds the unacknowledged publishes by size (as
@@ -461,7 +460,6 @@ type captureSession struct {
 	// the run of whole transactions waiting to be published
 	run      []change.Txn
 	runBytes int
-	runStart time.Time
 	runEnd   change.LSN // end LSN of the run's last transaction
 
 	// the transaction being decoded
@@ -470,6 +468,7 @@ type captureSession struct {
 	curChunks uint32 // chunks of cur already published
 	skip      bool   // cur is already in the stream
 
+	dry         bool // the last read found nothing more to decode
 	inflight    []inflight
 	flying      int        // bytes of the inflight publishes
 	acked       change.Txn // header of the last transaction the stream acknowledged
@@ -494,7 +493,9 @@ func (s *captureSession) loop(ctx context.Context) error {
 			return err
 		}
 		now = time.Now()
-		if len(s.run) > 0 && now.Sub(s.runStart) >= s.cfg.FlushInterval {
+		// a run goes out once the flush interval since the last publish has
+		// passed and everything received has been decoded (see streamConn)
+		if len(s.run) > 0 && s.dry && now.Sub(s.lastPublish) >= s.cfg.FlushInterval {
 			if err := s.flushRun(ctx); err != nil {
 				return err
 			}
@@ -523,7 +524,7 @@ func (s *captureSession) loop(ctx context.Context) error {
 			deadline = t
 		}
 		if len(s.run) > 0 {
-			if t := s.runStart.Add(s.cfg.FlushInterval); t.Before(deadline) {
+			if t := s.lastPublish.Add(s.cfg.FlushInterval); t.Before(deadline) {
 				deadline = t
 			}
 		}
@@ -541,13 +542,7 @@ func (s *captureSession) loop(ctx context.Context) error {
 		if !deadline.After(now) {
 			deadline = now.Add(time.Millisecond)
 		}
-		// while a run waits for its flush, what commits meanwhile joins it
-		// however promptly it is read: read it in one go just before
-		var patient time.Time
-		if len(s.run) > 0 {
-			patient = s.runStart.Add(s.cfg.FlushInterval - patienceMargin)
-		}
-		s.sock.Patient(patient)
+		s.sock.Pace(s.lastPublish.Add(s.cfg.FlushInterval), len(s.run) > 0)
 		// no context per message: a timer for each would cost more than
 		// decoding it
 		if err := s.sock.ReadBy(now, deadline); err != nil {
@@ -557,6 +552,7 @@ func (s *captureSession) loop(ctx context.Context) error {
 			return fmt.Errorf("replication connection: %w", err)
 		}
 		raw, err := s.repl.ReceiveMessage(context.Background())
+		s.dry = err != nil
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -649,9 +645,6 @@ func (s *captureSession) handle(ctx context.Context, ev event) error {
 				if err := s.flushRun(ctx); err != nil {
 					return err
 				}
-			}
-			if len(s.run) == 0 {
-				s.runStart = time.Now()
 			}
 			s.run = append(s.run, *txn)
 			s.runBytes += s.curBytes

@@ -200,8 +200,10 @@ func (n Node) IsWitness() bool { return n.Site == WitnessSite }
 type Capture struct {
 	// MaxBatchBytes bounds one published message. Default 1MiB; 4KiB..8MiB.
 	MaxBatchBytes int
-	// FlushInterval is how long committed transactions may wait to fill a
-	// message. Default 5ms; (0, 1s].
+	// FlushInterval paces the messages of whole transactions: at most one
+	// goes out per interval, so a committed transaction waits at most this
+	// long (and not at all when the previous message went out longer ago).
+	// Default 5ms; (0, 1s].
 	FlushInterval time.Duration
 	// MaxInFlight is the number of unacknowledged publishes. Default 256;
 	// 1..65536.
