@@ -96,7 +96,7 @@ func (c *streamConn) Read(p []byte) (int, error) {
 		}
 		if wait > 0 {
 			c.wait(wait)
-			c.keepGulp()
+			c.keepRead()
 		}
 	}
 	return c.r.Read(p)
@@ -129,10 +129,11 @@ func (c *streamConn) Pace(next time.Time, holding bool) {
 	c.holding.Store(holding)
 }
 
-// keepGulp moves a read deadline that passed while waiting for the gulp a
-// little beyond now, so that what arrived is still read: a deadline
-// shorter than the gulp would otherwise fail every read.
-func (c *streamConn) keepGulp() {
+// keepRead moves a read deadline that passed while the read waited (for a
+// gulp, or for the next flush) a little beyond now, so that what arrived
+// is still read: a deadline shorter than the wait would otherwise fail
+// every read.
+func (c *streamConn) keepRead() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := time.Now()
