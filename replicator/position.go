@@ -86,6 +86,11 @@ func EnsureApplySchema(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
+// SchemaLock names the advisory lock (hashtext of it) under which xdcr's
+// own objects are created; whoever holds it keeps agents from starting
+// their apply.
+const SchemaLock = "xdcr.apply_schema"
+
 // ExecSchemaDDL runs sql, DDL of xdcr's own objects, in a transaction that
 // first takes an advisory lock. The agents, `xdcr sync` and the cache tail
 // create these objects, sometimes at the same moment, and two sessions
@@ -98,7 +103,7 @@ func ExecSchemaDDL(ctx context.Context, conn *pgx.Conn, sql string) (ddl bool, e
 		return false, err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('xdcr.apply_schema'))"); err != nil {
+	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", SchemaLock); err != nil {
 		return false, err
 	}
 	if _, err := tx.Exec(ctx, sql); err != nil {

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/xdcr/xdcr/replicator"
 )
 
 // hold keeps an agent's pipeline from starting while its process runs:
@@ -76,7 +78,7 @@ func (e *env) holdApply(ctx context.Context) (*hold, error) {
 		return nil, err
 	}
 	h := &hold{conn: conn}
-	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtext('xdcr.apply_schema'))"); err != nil {
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtext($1))", replicator.SchemaLock); err != nil {
 		return nil, errors.Join(fmt.Errorf("hold apply: %w", err), h.release(context.WithoutCancel(ctx)))
 	}
 	if err := e.restartBlocked(ctx, e.replica, e.xdst, "xdcr%", "advisory"); err != nil {
