@@ -46,7 +46,8 @@ the site has applied every transaction the source published, otherwise
 how long ago the source committed the state the site shows (see
 docs/lag.md, including the clock-skew caveat).
 
-It answers as long as any node can reach a Raft majority. Exit status: 0;
+It answers as long as any node can reach a Raft majority; while the nodes
+that answer are electing a leader it asks again for up to 10s. Exit status: 0;
 3 when --max-lag is given and a site is past it, down or unknown; 1 when
 no node could answer.`,
 		Args: cobra.NoArgs,
@@ -125,7 +126,6 @@ func runLag(ctx context.Context, stdout, stderr io.Writer, cfg *config.Config, o
 	}
 }
 
-// fetchStatus asks the nodes in turn and returns the first answer.
 // checkOutput checks the value of -o of a status command.
 func checkOutput(o string) error {
 	if o != "table" && o != "json" {
@@ -145,29 +145,54 @@ func newClient(cfg *config.Config, timeout time.Duration) (*api.Client, error) {
 	return c, nil
 }
 
+// electionWait is how long fetchStatus keeps asking while the nodes that
+// answer have no Raft leader: an election after a node is lost takes a
+// few seconds (pre-vote, then the vote), and a status command run in that
+// window should show the new leader's state rather than fail.
+const electionWait = 10 * time.Second
+
+// fetchStatus asks the nodes in turn and returns the first answer. While
+// the nodes that answer have no leader it asks again, for up to
+// electionWait; a node that does not answer at all is not waited for.
 func fetchStatus(ctx context.Context, client *api.Client, cfg *config.Config) (checkpoints.Status, error) {
+	deadline := time.Now().Add(electionWait)
+	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
+		st, noLeader, err := statusOnce(ctx, client, cfg)
+		if err == nil || !noLeader || time.Now().Add(pause).After(deadline) {
+			return st, err
+		}
+		select {
+		case <-ctx.Done():
+			return checkpoints.Status{}, ctx.Err()
+		case <-time.After(pause):
+		}
+	}
+}
+
+// statusOnce asks every node once. noLeader says whether a node answered
+// that it has no leader.
+func statusOnce(ctx context.Context, client *api.Client, cfg *config.Config) (st checkpoints.Status, noLeader bool, err error) {
 	var errs []string
-	noLeader := 0
 	for _, id := range cfg.NodeNames() {
 		n, _ := cfg.Node(id)
 		st, err := client.Status(ctx, n.HTTP, false)
 		if err == nil {
-			return st, nil
+			return st, false, nil
 		}
 		var re *api.RemoteError
 		if errors.As(err, &re) && re.Body.Code == api.CodeNoLeader {
-			noLeader++
+			noLeader = true
 		}
 		errs = append(errs, fmt.Sprintf("%s (%s): %v", id, n.HTTP, err))
 		if ctx.Err() != nil {
-			return checkpoints.Status{}, ctx.Err()
+			return checkpoints.Status{}, noLeader, ctx.Err()
 		}
 	}
-	if noLeader > 0 {
-		return checkpoints.Status{}, fmt.Errorf("no Raft majority: the nodes that answered have no leader, so the cluster state cannot be read:\n  %s",
-			strings.Join(errs, "\n  "))
+	if noLeader {
+		return checkpoints.Status{}, true, fmt.Errorf("no Raft majority: the nodes that answered have had no leader for %s, so the cluster state cannot be read:\n  %s",
+			electionWait, strings.Join(errs, "\n  "))
 	}
-	return checkpoints.Status{}, fmt.Errorf("no node answered:\n  %s", strings.Join(errs, "\n  "))
+	return checkpoints.Status{}, false, fmt.Errorf("no node answered:\n  %s", strings.Join(errs, "\n  "))
 }
 
 // pastMaxLag lists the sites past max, down or unknown.
