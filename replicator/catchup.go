@@ -25,11 +25,12 @@ const (
 // source a fraction of the CPU (PERFORMANCE.md measured the decode of a
 // pgbench backlog 8x faster this way).
 //
-// A round peeks at most CatchUpRound messages from the slot's confirmed
-// position up to the source's WAL flush position when the round began (a
-// peek ends at a transaction's end), runs them through the same decoder
-// and publishing as the stream, waits until the stream has acknowledged
-// all of it, and only then advances the slot: a crash at any point
+// A round peeks at most CatchUpRound messages (later rounds may take
+// more: see nextRound) from the slot's confirmed position up to the
+// source's WAL flush position when the round began (a peek ends at a
+// transaction's end), runs them through the same decoder and publishing
+// as the stream, waits until the stream has acknowledged all of it, and
+// only then advances the slot: a crash at any point
 // re-reads from the slot what the stream may lack, and the duplicate check
 // on publish (s.published) skips what it already holds — exactly as when
 // a streaming session restarts. Rounds go on until one comes back short:
@@ -60,8 +61,13 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 	}
 	defer peek.Close(context.WithoutCancel(ctx))
 	start, rounds, messages := time.Now(), 0, 0
+	size := s.cfg.CatchUpRound
+	restart, err := s.restartLSN(ctx, slot)
+	if err != nil {
+		return err
+	}
 	for s.drainTarget() == 0 {
-		n, complete, err := s.peekRound(ctx, peek, slot)
+		n, complete, err := s.peekRound(ctx, peek, slot, size)
 		if err != nil {
 			return err
 		}
@@ -73,16 +79,52 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 		if _, err := s.report(ctx); err != nil {
 			return err
 		}
+		moved, err := s.restartLSN(ctx, slot)
+		if err != nil {
+			return err
+		}
+		size = nextRound(s.cfg.CatchUpRound, size, moved > restart)
+		restart = moved
 	}
 	s.log.Info("capture caught up through SQL", "rounds", rounds, "messages", messages,
 		"duration", time.Since(start).Round(time.Millisecond), "confirmed_lsn", s.confirmed)
 	return nil
 }
 
-// peekRound decodes and publishes one round; it returns how many messages
-// the peek returned and whether they were all there was up to the flush
-// position the round began at.
-func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot string) (int, bool, error) {
+// maxRoundGrowth bounds how far nextRound grows a round: a round's result
+// is materialized in the source (in temp files past work_mem) before its
+// first row is sent, so its size bounds the source's temp space and how
+// long publishing waits.
+const maxRoundGrowth = 4
+
+// nextRound is the size of the round after one of size last. Every round
+// decodes from the slot's restart_lsn, and while that stays put (a backlog
+// written in a burst has no running-transactions record for it to move
+// to) each round first decodes again everything the earlier ones
+// published: the work grows with the square of the number of rounds. So
+// while it stays put the rounds double, up to maxRoundGrowth times base;
+// once it moves they are base again.
+func nextRound(base, last int, restartMoved bool) int {
+	if restartMoved {
+		return base
+	}
+	return min(2*last, maxRoundGrowth*base)
+}
+
+// restartLSN reads the slot's restart_lsn.
+func (s *captureSession) restartLSN(ctx context.Context, slot string) (change.LSN, error) {
+	var lsn string
+	err := s.meta.QueryRow(ctx, "SELECT coalesce(restart_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&lsn)
+	if err != nil {
+		return 0, fmt.Errorf("read the restart_lsn of slot %s: %w", slot, err)
+	}
+	return change.ParseLSN(lsn)
+}
+
+// peekRound decodes and publishes one round of at most size messages; it
+// returns how many messages the peek returned and whether they were all
+// there was up to the flush position the round began at.
+func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot string, size int) (int, bool, error) {
 	// stage times of the round, for its log line: the peek decodes the
 	// whole round in the source before the first row arrives
 	var t roundTimes
@@ -96,7 +138,7 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 		return 0, false, err
 	}
 	rows, err := peek.Query(ctx, `SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::pg_lsn, $3,
-		'proto_version', '1', 'publication_names', $4)`, slot, flushed, s.cfg.CatchUpRound, PublicationName(s.cfg.Cluster))
+		'proto_version', '1', 'publication_names', $4)`, slot, flushed, size, PublicationName(s.cfg.Cluster))
 	if err != nil {
 		return 0, false, fmt.Errorf("peek at slot %s: %w", slot, err)
 	}
@@ -133,7 +175,7 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 	// begins before upto (it stops at the first that ends at or after it,
 	// or at the flush position, which is past upto), so every transaction
 	// whose commit the slot would still decode before upto was published.
-	complete := n < s.cfg.CatchUpRound
+	complete := n < size
 	if complete {
 		s.seenEnd = max(s.seenEnd, upto)
 	}
@@ -151,7 +193,7 @@ func (s *captureSession) peekRound(ctx context.Context, peek *pgx.Conn, slot str
 		}
 		s.advanced = s.confirmed
 	}
-	s.log.Info("catch-up round", "messages", n, "confirmed_lsn", s.confirmed, "complete", complete,
+	s.log.Info("catch-up round", "size", size, "messages", n, "confirmed_lsn", s.confirmed, "complete", complete,
 		"until_first_row", t.firstRow.Sub(t.start), "rows", t.lastRow.Sub(t.firstRow),
 		"until_acked", t.acked.Sub(t.lastRow), "advance", time.Since(t.acked))
 	return n, complete, nil
