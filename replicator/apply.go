@@ -285,9 +285,19 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 		targets: make(map[string]*target),
 	}
 	defer w.abortCopy(errCopyAbandoned)
+	defer w.land() // before the COPY is abandoned and the connection closed
 	var progressed bool
 	for {
-		d, err := receive(ctx, msgs, stop, true)
+		d, err := receive(ctx, msgs, stop, false)
+		if err == nil && d == nil {
+			// nothing more is here: finish the group in flight, so that
+			// what it applied is reported, before waiting for more
+			if err := w.settle(); err != nil {
+				return progressed, err
+			}
+			progressed = w.pos != pos
+			d, err = receive(ctx, msgs, stop, true)
+		}
 		if err != nil {
 			return progressed, err
 		}
@@ -308,7 +318,12 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 			}
 		}
 		if w.chunk == nil {
-			if _, err := w.commitGroup(ctx); err != nil {
+			if err := w.commitGroup(ctx); err != nil {
+				return progressed, err
+			}
+		}
+		if !f.open {
+			if err := w.settle(); err != nil {
 				return progressed, err
 			}
 		}
@@ -390,6 +405,10 @@ type applier struct {
 
 	copying *openCopy // a COPY in progress on conn
 	spare   [][]byte  // buffers of rows for the next COPY
+
+	flight     *sentGroup // the group the replica is running, if any
+	failed     error      // why a group in flight failed: nothing more is sent
+	spareQueue []stmt     // the queue of the last group that landed, for reuse
 }
 
 type openChunk struct {
@@ -535,6 +554,9 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 		// the publisher restarted this transaction from its first chunk
 		w.log.Info("large transaction republished; starting it over", "lsn", txn.LSN, "seq", d.Seq)
 		w.abortCopy(errRepublished)
+		if err := w.settle(); err != nil {
+			return err
+		}
 		if _, err := w.conn.Exec(ctx, "ROLLBACK"); err != nil {
 			return fmt.Errorf("roll back the partial transaction %s: %w", txn.LSN, err)
 		}
@@ -556,8 +578,12 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 			w.lastSeq = d.Seq
 			return nil
 		}
-		// whole transactions before it commit on their own
-		if _, err := w.commitGroup(ctx); err != nil {
+		// whole transactions before it commit on their own, and the
+		// position the chunks start from is theirs
+		if err := w.commitGroup(ctx); err != nil {
+			return err
+		}
+		if err := w.settle(); err != nil {
 			return err
 		}
 		hdr := *txn
@@ -586,7 +612,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 			Generation: w.pos.Generation,
 		}
 		w.lastSeq = d.Seq
-		w.queued = append(w.queued, w.advanceStmt(d.Seq), stmt{sql: "COMMIT", rows: -1, seq: d.Seq, txn: txn.LSN})
+		w.queued = append(w.queued, w.advanceStmt(w.pos, d.Seq), stmt{sql: "COMMIT", rows: -1, seq: d.Seq, txn: txn.LSN})
 	}
 	if err := w.exec(ctx); err != nil {
 		return err
@@ -594,7 +620,8 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 	if b.Chunk.Final {
 		w.chunk = nil
 		w.pos = w.head
-		w.committed(1)
+		w.committed(1, w.changes, w.started)
+		w.changes = 0
 	}
 	return nil
 }
@@ -605,32 +632,55 @@ func (w *applier) commitPrefix(ctx context.Context) error {
 	clear(w.queued[w.mark:]) // let the failed transaction's deliveries go
 	w.queued = w.queued[:w.mark]
 	w.head = w.prefix
-	_, err := w.commitGroup(ctx)
-	return err
+	if err := w.commitGroup(ctx); err != nil {
+		return err
+	}
+	return w.settle() // the caller stops: what the prefix applied is reported now
 }
 
-// commitGroup applies the queued whole transactions in one target
-// transaction together with the new position. It reports whether it
-// committed anything.
-func (w *applier) commitGroup(ctx context.Context) (bool, error) {
+// commitGroup sends the queued whole transactions as one target
+// transaction together with the new position, and returns without waiting
+// for the replica to run it: the caller goes on reading and arranging the
+// next group meanwhile (see sentGroup). Whatever uses the connection next
+// waits for it first (settle).
+func (w *applier) commitGroup(ctx context.Context) error {
 	if len(w.queued) == 0 {
-		return false, nil
+		return nil
 	}
 	w.head.Seq = w.lastSeq
 	// the position goes first: its row lock keeps a second agent of the
-	// same site from applying the same transactions concurrently
-	w.queued = slices.Insert(w.queued, 0, w.advanceStmt(w.lastSeq))
-	if err := w.exec(ctx); err != nil {
-		return false, err
+	// same site from applying the same transactions concurrently. It moves
+	// from where the group in flight, if any, leaves it.
+	from := w.pos
+	if w.flight != nil {
+		from = w.flight.head
 	}
-	w.pos = w.head
-	w.committed(w.txns)
-	w.txns, w.bytes = 0, 0
-	return true, nil
+	w.queued = slices.Insert(w.queued, 0, w.advanceStmt(from, w.lastSeq))
+	g := &sentGroup{
+		queued:  w.queued,
+		parts:   plan(w.queued, false),
+		head:    w.head,
+		txns:    w.txns,
+		changes: w.changes,
+		started: w.started,
+		done:    make(chan struct{}),
+	}
+	if err := w.settle(); err != nil {
+		return err
+	}
+	go func() {
+		defer close(g.done)
+		g.err = w.send(ctx, g.parts, false)
+	}()
+	w.flight = g
+	w.queued, w.spareQueue, w.mark = w.spareQueue[:0], nil, 0
+	w.txns, w.bytes, w.changes = 0, 0, 0
+	return nil
 }
 
-// committed reports a target commit of txns source transactions.
-func (w *applier) committed(txns int) {
+// committed reports a target commit of txns source transactions with
+// changes changes, queued since started.
+func (w *applier) committed(txns, changes int, started time.Time) {
 	w.upTo = w.pos.LSN
 	if w.pos.CommitTime.After(w.asOf) {
 		w.asOf = w.pos.CommitTime
@@ -639,14 +689,17 @@ func (w *applier) committed(txns int) {
 		w.absorb(w.hb)
 		w.hb = nil
 	}
-	w.report(txns, w.changes, time.Since(w.started))
-	w.changes = 0
+	w.report(txns, changes, time.Since(started))
 }
 
 // heartbeat takes in a heartbeat: the source had published nothing after
 // the transaction it names. Once everything before it is applied, the
 // replica is caught up as of the heartbeat's WAL position and time.
 func (w *applier) heartbeat(ctx context.Context, d *change.Delivery) error {
+	// what it says holds once everything before it is applied
+	if err := w.settle(); err != nil {
+		return err
+	}
 	b, hb := d.Batch, d.Batch.Heartbeat
 	// a heartbeat of the epoch this session follows, while nothing of it
 	// was applied yet: the epoch starts here (LastLSN 0), or its first
@@ -709,9 +762,9 @@ func (w *applier) report(txns, changes int, d time.Duration) {
 	w.obs.Applied(p)
 }
 
-// advanceStmt moves the stored position from pos to head, and fails the
-// transaction if the stored position is not pos any more.
-func (w *applier) advanceStmt(seq uint64) stmt {
+// advanceStmt moves the stored position from from to head, and fails the
+// transaction if the stored position is not from any more.
+func (w *applier) advanceStmt(from AppliedPosition, seq uint64) stmt {
 	var ct []byte
 	if !w.head.CommitTime.IsZero() {
 		ct = []byte(w.head.CommitTime.Format(time.RFC3339Nano))
@@ -719,8 +772,8 @@ func (w *applier) advanceStmt(seq uint64) stmt {
 	return stmt{
 		sql: "SELECT xdcr.advance($1, $2, $3::pg_lsn, $4, $5, $6, $7, $8::pg_lsn, $9::timestamptz, $10, $11)",
 		params: [][]byte{
-			[]byte(w.cfg.Cluster), itoa(w.pos.Epoch), []byte(w.pos.LSN.String()), itoa(w.pos.Seq),
-			strconv.AppendInt(nil, w.pos.Generation, 10),
+			[]byte(w.cfg.Cluster), itoa(from.Epoch), []byte(from.LSN.String()), itoa(from.Seq),
+			strconv.AppendInt(nil, from.Generation, 10),
 			[]byte(w.head.Origin), itoa(w.head.Epoch), []byte(w.head.LSN.String()), ct,
 			[]byte(w.stream), itoa(seq),
 		},
@@ -959,6 +1012,9 @@ func (w *applier) prepared(ctx context.Context, t *target, key string, sql func(
 	}
 	w.nstmt++
 	text := sql()
+	if err := w.settle(); err != nil {
+		return nil, err
+	}
 	conn, err := w.idle()
 	if err != nil {
 		return nil, err

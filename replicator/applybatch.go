@@ -28,12 +28,16 @@ import (
 // 0.94–0.96 ms as one batch (docs/performance.md).
 const copyMin = 64
 
-// exec sends the queued statements and checks each result.
+// exec sends the queued statements and checks each result, after the
+// group in flight, if any. Within a large transaction (w.chunk), a COPY
+// that ends the statements stays open for the next chunk's rows.
 func (w *applier) exec(ctx context.Context) error {
 	if len(w.queued) == 0 {
 		return nil
 	}
-	queued := gather(supersede(w.queued))
+	if err := w.settle(); err != nil {
+		return err
+	}
 	defer func() {
 		// let the deliveries go; what lies beyond len is already clear
 		// (commitPrefix clears what it cuts off). Clearing up to cap
@@ -42,25 +46,52 @@ func (w *applier) exec(ctx context.Context) error {
 		clear(w.queued)
 		w.queued, w.mark = w.queued[:0], 0
 	}()
+	return w.send(ctx, plan(w.queued, w.chunk != nil), w.chunk != nil)
+}
+
+// plan arranges queued statements (supersede, gather), cuts them into
+// the parts sent in turn and encodes the batches among them, so that
+// sending them is only writing. A group of whole transactions that takes
+// more than one part is wrapped in BEGIN and COMMIT (as one batch it is
+// one implicit transaction; with COPY in it, it needs an explicit one),
+// which join the batch next to them, if any, rather than cost a round
+// trip of their own. The statements of a large transaction (inChunk)
+// bring their own.
+func plan(queued []stmt, inChunk bool) []part {
+	queued = gather(supersede(queued))
 	parts := split(queued)
-	if len(parts) == 1 && !parts[0].copy {
-		return w.execBatch(ctx, parts[0].stmts)
-	}
-	if w.chunk == nil {
-		// a group is one implicit transaction as long as it is one batch;
-		// with COPY in it, it needs an explicit one
+	if !inChunk && (len(parts) > 1 || parts[0].copy) {
 		seq, txn := queued[0].seq, queued[len(queued)-1].txn
-		parts = append([]part{{stmts: []stmt{{sql: "BEGIN", rows: -1, seq: seq, txn: txn}}}}, parts...)
-		parts = append(parts, part{stmts: []stmt{{sql: "COMMIT", rows: -1, seq: seq, txn: txn}}})
+		begin := stmt{sql: "BEGIN", rows: -1, seq: seq, txn: txn}
+		commit := stmt{sql: "COMMIT", rows: -1, seq: seq, txn: txn}
+		if first := &parts[0]; !first.copy {
+			first.stmts = append(append(make([]stmt, 0, len(first.stmts)+1), begin), first.stmts...)
+		} else {
+			parts = append([]part{{stmts: []stmt{begin}}}, parts...)
+		}
+		if last := &parts[len(parts)-1]; !last.copy {
+			last.stmts = append(last.stmts[:len(last.stmts):len(last.stmts)], commit)
+		} else {
+			parts = append(parts, part{stmts: []stmt{commit}})
+		}
 	}
+	for i := range parts {
+		if !parts[i].copy {
+			parts[i].batch = encodeBatch(parts[i].stmts)
+		}
+	}
+	return parts
+}
+
+// send sends parts in turn and checks each result. With keepLast, a COPY
+// that ends them stays open.
+func (w *applier) send(ctx context.Context, parts []part, keepLast bool) error {
 	for i, p := range parts {
 		var err error
 		if p.copy {
-			// the rows that end a chunk of a large transaction: the next
-			// chunk's may join them
-			err = w.copyRows(ctx, p.stmts, w.chunk != nil && i == len(parts)-1)
+			err = w.copyRows(ctx, p.stmts, keepLast && i == len(parts)-1)
 		} else {
-			err = w.execBatch(ctx, p.stmts)
+			err = w.execBatch(ctx, p.batch, p.stmts)
 		}
 		if err != nil {
 			return err
@@ -74,6 +105,7 @@ func (w *applier) exec(ctx context.Context) error {
 type part struct {
 	stmts []stmt
 	copy  bool
+	batch *pgconn.Batch // stmts, encoded, unless copy
 }
 
 // split cuts queued into runs of at least copyMin inserts into one table
@@ -105,8 +137,8 @@ func split(queued []stmt) []part {
 	return parts
 }
 
-// execBatch sends stmts in one round trip and checks each result.
-func (w *applier) execBatch(ctx context.Context, stmts []stmt) error {
+// encodeBatch encodes stmts as one batch.
+func encodeBatch(stmts []stmt) *pgconn.Batch {
 	batch := &pgconn.Batch{}
 	for i := range stmts {
 		s := &stmts[i]
@@ -116,6 +148,12 @@ func (w *applier) execBatch(ctx context.Context, stmts []stmt) error {
 			batch.ExecParams(s.sql, s.params, nil, nil, nil)
 		}
 	}
+	return batch
+}
+
+// execBatch sends batch, the encoded stmts, in one round trip and checks
+// each result.
+func (w *applier) execBatch(ctx context.Context, batch *pgconn.Batch, stmts []stmt) error {
 	conn, err := w.idle()
 	if err != nil {
 		return err

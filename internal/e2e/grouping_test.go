@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/xdcr/xdcr/deploy/topology"
+	"github.com/xdcr/xdcr/internal/config"
 )
 
 const groupingSchema = `
@@ -107,5 +108,62 @@ func updatesWritten(ctx context.Context, t *testing.T, conn *pgx.Conn, want int6
 			return hot, emails
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestReplicaRefusesRowMidBacklog: the replicas refuse one row in the
+// middle of a backlog that apply takes in several groups (a CHECK
+// constraint only they have). Apply sends a group while it arranges the
+// next, so this is where a next group could go out after one that failed,
+// moving the position past the failed group's transactions. Apply must
+// pause with exactly a prefix of the transactions applied (ids 1..k with
+// no gap, k below the refused id), and once the constraint is dropped,
+// apply every row once.
+func TestReplicaRefusesRowMidBacklog(t *testing.T) {
+	c := newCluster(t, clusterOpts{
+		schema: `CREATE TABLE public.ledger (id int PRIMARY KEY, pad text NOT NULL)`,
+		tables: []string{"ledger"},
+		// a group per message
+		tune: func(cfg *config.Config) { cfg.Apply.MaxBatchBytes = 256 << 10 },
+	})
+	ctx := t.Context()
+	for _, site := range replicas(c) {
+		if err := c.StopAgent(topology.NodeID(site), 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		execOn(t, c, site, `ALTER TABLE ledger ADD CONSTRAINT refused CHECK (id <> 250)`)
+	}
+	// 400 transactions of ~20 KB: a message holds ~50 of them, and
+	// apply takes the backlog in a group per message
+	p := connect(t, c, c.Config.Primary)
+	const rows, refused = 400, 250
+	for id := 1; id <= rows; id++ {
+		if _, err := p.Exec(ctx, `INSERT INTO ledger VALUES ($1::int, repeat(md5($1::int::text), 625))`, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, site := range replicas(c) {
+		if err := c.StartAgent(ctx, topology.NodeID(site)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, site := range replicas(c) {
+		e := waitLog(t, c, topology.NodeID(site), "apply paused", time.Minute, "refused")
+		t.Logf("%s paused: %v", site, e["err"])
+		var n, maxID int
+		if err := connect(t, c, site).QueryRow(ctx, `SELECT count(*), coalesce(max(id), 0) FROM ledger`).Scan(&n, &maxID); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%s applied ids 1..%d before the refused row", site, maxID)
+		if n != maxID || maxID >= refused {
+			t.Errorf("site %s paused with %d rows up to id %d, want ids 1..k with no gap and k < %d", site, n, maxID, refused)
+		}
+	}
+	for _, site := range replicas(c) {
+		execOn(t, c, site, `ALTER TABLE ledger DROP CONSTRAINT refused`)
+	}
+	converge(t, c, 2*time.Minute)
+	for _, site := range replicas(c) {
+		assertCount(t, c, site, "ledger", rows)
 	}
 }
