@@ -63,9 +63,10 @@ type CaptureConfig struct {
 	// one read then takes in many changes instead of one. Negative turns
 	// it off; it never applies once caught up.
 	ReadGulp time.Duration
-	// CatchUpRound is how many pgoutput messages one round of catch-up
-	// through SQL decodes (see captureSession.catchUp); negative means
-	// the backlog is always read through the replication protocol.
+	// CatchUpRound is how many pgoutput messages the first round of
+	// catch-up through SQL decodes (see captureSession.catchUp and
+	// nextRound); negative means the backlog is always read through the
+	// replication protocol.
 	CatchUpRound int
 	// Sequences are the previous primary's sequence values, which the
 	// first start of a new epoch advances this site's sequences past.

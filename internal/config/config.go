@@ -219,8 +219,10 @@ type Capture struct {
 	MaxRetainedWAL int64
 	// CatchUpRound is how many pgoutput messages one round of catch-up
 	// through SQL decodes, when a capture starts more than 16MiB of WAL
-	// behind. Default 500000; 100..10000000, or -1 to read every backlog
-	// through the replication protocol.
+	// behind; a round after one that left the slot's restart_lsn in place
+	// may take twice as many, up to 4 times this. Default 500000;
+	// 100..10000000, or -1 to read every backlog through the replication
+	// protocol.
 	CatchUpRound int
 }
 
