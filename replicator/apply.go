@@ -553,10 +553,10 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 	if w.chunk != nil && b.Chunk.Index == 0 && txn.LSN == w.chunk.txn.LSN {
 		// the publisher restarted this transaction from its first chunk
 		w.log.Info("large transaction republished; starting it over", "lsn", txn.LSN, "seq", d.Seq)
-		w.abortCopy(errRepublished)
 		if err := w.settle(); err != nil {
 			return err
 		}
+		w.abortCopy(errRepublished)
 		if _, err := w.conn.Exec(ctx, "ROLLBACK"); err != nil {
 			return fmt.Errorf("roll back the partial transaction %s: %w", txn.LSN, err)
 		}
@@ -656,6 +656,17 @@ func (w *applier) commitGroup(ctx context.Context) error {
 		from = w.flight.head
 	}
 	w.queued = slices.Insert(w.queued, 0, w.advanceStmt(from, w.lastSeq))
+	if w.chunk != nil {
+		// a large transaction is open on the connection (a prefix
+		// committed before a gap): its statements go as they are, in it
+		if err := w.exec(ctx); err != nil {
+			return err
+		}
+		w.pos = w.head
+		w.committed(w.txns, w.changes, w.started)
+		w.txns, w.bytes, w.changes = 0, 0, 0
+		return nil
+	}
 	g := &sentGroup{
 		queued:  w.queued,
 		parts:   plan(w.queued, false),
