@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/xdcr/xdcr/replicator/change"
@@ -193,5 +194,72 @@ func TestSplitShortRun(t *testing.T) {
 		if batched := len(parts) == 1 && !parts[0].copy; n < copyMin && !batched || n >= copyMin && !copied {
 			t.Errorf("%d inserts: %d parts, want them %s", n, len(parts), map[bool]string{true: "as one COPY", false: "in the batch"}[n >= copyMin])
 		}
+	}
+}
+
+func TestPlanWrapsGroups(t *testing.T) {
+	tg := &target{table: Table{Schema: "public", Name: "t"}}
+	batch := func(ids ...string) []stmt {
+		var out []stmt
+		for _, id := range ids {
+			out = append(out, stmt{sql: id, rows: 1})
+		}
+		return out
+	}
+	inserts := func(n int) []stmt {
+		out := make([]stmt, n)
+		for i := range out {
+			out[i] = stmt{sql: "i" + strconv.Itoa(i), rows: 1, copy: tg}
+		}
+		return out
+	}
+	// shape describes parts: a batch as its statements' sql joined by
+	// spaces, a COPY as "COPY n"
+	shape := func(parts []part) []string {
+		var out []string
+		for _, p := range parts {
+			if p.copy {
+				out = append(out, "COPY "+strconv.Itoa(len(p.stmts)))
+				if p.batch != nil {
+					t.Errorf("a COPY part carries an encoded batch")
+				}
+				continue
+			}
+			var ids []string
+			for _, s := range p.stmts {
+				ids = append(ids, s.sql)
+			}
+			out = append(out, strings.Join(ids, " "))
+			if p.batch == nil {
+				t.Errorf("batch part %q is not encoded", out[len(out)-1])
+			}
+		}
+		return out
+	}
+	cat := func(parts ...[]stmt) []stmt { return slices.Concat(parts...) }
+	cases := []struct {
+		name    string
+		in      []stmt
+		inChunk bool
+		want    []string
+	}{
+		{"one batch is one implicit transaction", batch("pos", "u1"), false,
+			[]string{"pos u1"}},
+		{"BEGIN and COMMIT join the batches around a COPY", cat(batch("pos", "u1"), inserts(copyMin), batch("u2")), false,
+			[]string{"BEGIN pos u1", "COPY 64", "u2 COMMIT"}},
+		{"a COPY at the end gets a COMMIT of its own", cat(batch("pos"), inserts(copyMin)), false,
+			[]string{"BEGIN pos", "COPY 64", "COMMIT"}},
+		{"a group that is only a COPY", inserts(copyMin), false,
+			[]string{"BEGIN", "COPY 64", "COMMIT"}},
+		{"a large transaction's chunk brings its own", cat(batch("u1"), inserts(copyMin)), true,
+			[]string{"u1", "COPY 64"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := shape(plan(slices.Clone(tc.in), tc.inChunk))
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("plan: %q, want %q", got, tc.want)
+			}
+		})
 	}
 }
