@@ -619,8 +619,7 @@ func (w *applier) addChunk(ctx context.Context, d *change.Delivery) error {
 	}
 	if b.Chunk.Final {
 		w.chunk = nil
-		w.pos = w.head
-		w.committed(1, w.changes, w.started)
+		w.committed(w.head, 1, w.changes, w.started)
 		w.changes = 0
 	}
 	return nil
@@ -662,8 +661,7 @@ func (w *applier) commitGroup(ctx context.Context) error {
 		if err := w.exec(ctx); err != nil {
 			return err
 		}
-		w.pos = w.head
-		w.committed(w.txns, w.changes, w.started)
+		w.committed(w.head, w.txns, w.changes, w.started)
 		w.txns, w.bytes, w.changes = 0, 0, 0
 		return nil
 	}
@@ -689,9 +687,10 @@ func (w *applier) commitGroup(ctx context.Context) error {
 	return nil
 }
 
-// committed reports a target commit of txns source transactions with
-// changes changes, queued since started.
-func (w *applier) committed(txns, changes int, started time.Time) {
+// committed takes in a target commit that applied everything up to head:
+// txns source transactions with changes changes, queued since started.
+func (w *applier) committed(head AppliedPosition, txns, changes int, started time.Time) {
+	w.pos = head
 	w.upTo = w.pos.LSN
 	if w.pos.CommitTime.After(w.asOf) {
 		w.asOf = w.pos.CommitTime

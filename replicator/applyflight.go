@@ -47,8 +47,7 @@ func (w *applier) settle() error {
 		w.failed = g.err
 		return g.err
 	}
-	w.pos = g.head
-	w.committed(g.txns, g.changes, g.started)
+	w.committed(g.head, g.txns, g.changes, g.started)
 	return nil
 }
 

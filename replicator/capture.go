@@ -454,6 +454,7 @@ type captureSession struct {
 
 	confirmed change.LSN // what the slot may advance to: everything up to it is stored in the stream
 	advanced  change.LSN // where catch-up through SQL last moved the slot
+	restart   change.LSN // the slot's restart_lsn at the last report; 0 when it has none
 	seenEnd   change.LSN // end of the last commit (or keepalive position) processed
 	received  change.LSN // how far the walsender has read the WAL, as far as its messages tell
 	published change.LSN // commit LSN of the last transaction handed to the publisher
@@ -843,12 +844,12 @@ func (s *captureSession) heartbeat(ctx context.Context, now time.Time) error {
 // WAL insert position.
 func (s *captureSession) report(ctx context.Context) (change.LSN, error) {
 	var (
-		wal      string
-		retained *int64
+		wal     string
+		restart *string
 	)
 	err := s.meta.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text,
-			(SELECT (pg_current_wal_insert_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1)`,
-		SlotName(s.cfg.Cluster)).Scan(&wal, &retained)
+			(SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1)`,
+		SlotName(s.cfg.Cluster)).Scan(&wal, &restart)
 	if err != nil {
 		return 0, fmt.Errorf("read the WAL position: %w", err)
 	}
@@ -856,8 +857,12 @@ func (s *captureSession) report(ctx context.Context) (change.LSN, error) {
 	if p.WALLSN, err = change.ParseLSN(wal); err != nil {
 		return 0, err
 	}
-	if retained != nil {
-		p.RetainedWALBytes = *retained
+	s.restart = 0
+	if restart != nil {
+		if s.restart, err = change.ParseLSN(*restart); err != nil {
+			return 0, err
+		}
+		p.RetainedWALBytes = int64(p.WALLSN) - int64(s.restart)
 	}
 	if s.sock != nil {
 		s.sock.Behind(p.WALLSN > s.received+catchUpLag)

@@ -61,11 +61,7 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 	}
 	defer peek.Close(context.WithoutCancel(ctx))
 	start, rounds, messages := time.Now(), 0, 0
-	size := s.cfg.CatchUpRound
-	restart, err := s.restartLSN(ctx, slot)
-	if err != nil {
-		return err
-	}
+	size, restart := s.cfg.CatchUpRound, s.restart
 	for s.drainTarget() == 0 {
 		n, complete, err := s.peekRound(ctx, peek, slot, size)
 		if err != nil {
@@ -76,15 +72,11 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 		if complete {
 			break
 		}
-		if _, err := s.report(ctx); err != nil {
+		if _, err := s.report(ctx); err != nil { // and reads restart_lsn
 			return err
 		}
-		moved, err := s.restartLSN(ctx, slot)
-		if err != nil {
-			return err
-		}
-		size = nextRound(s.cfg.CatchUpRound, size, moved > restart)
-		restart = moved
+		size = nextRound(s.cfg.CatchUpRound, size, s.restart > restart)
+		restart = s.restart
 	}
 	s.log.Info("capture caught up through SQL", "rounds", rounds, "messages", messages,
 		"duration", time.Since(start).Round(time.Millisecond), "confirmed_lsn", s.confirmed)
@@ -109,16 +101,6 @@ func nextRound(base, last int, restartMoved bool) int {
 		return base
 	}
 	return min(2*last, maxRoundGrowth*base)
-}
-
-// restartLSN reads the slot's restart_lsn.
-func (s *captureSession) restartLSN(ctx context.Context, slot string) (change.LSN, error) {
-	var lsn string
-	err := s.meta.QueryRow(ctx, "SELECT coalesce(restart_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&lsn)
-	if err != nil {
-		return 0, fmt.Errorf("read the restart_lsn of slot %s: %w", slot, err)
-	}
-	return change.ParseLSN(lsn)
 }
 
 // peekRound decodes and publishes one round of at most size messages; it

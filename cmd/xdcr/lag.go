@@ -171,8 +171,9 @@ func fetchStatus(ctx context.Context, client *api.Client, cfg *config.Config) (c
 
 // statusOnce asks every node once. noLeader says whether a node answered
 // that it has no leader.
-func statusOnce(ctx context.Context, client *api.Client, cfg *config.Config) (st checkpoints.Status, noLeader bool, err error) {
+func statusOnce(ctx context.Context, client *api.Client, cfg *config.Config) (checkpoints.Status, bool, error) {
 	var errs []string
+	noLeader := false
 	for _, id := range cfg.NodeNames() {
 		n, _ := cfg.Node(id)
 		st, err := client.Status(ctx, n.HTTP, false)
