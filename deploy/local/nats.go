@@ -156,6 +156,9 @@ func RenderNATSConfig(cfg NATSConfig) string {
 	b.WriteString("  # add it to their reconnect pool and could bypass the URL configured in\n")
 	b.WriteString("  # their remote (a WAN proxy in the fault tests).\n")
 	b.WriteString("  no_advertise: true\n")
+	b.WriteString("  # The links are loopback: nothing to save by compressing, and the default\n")
+	b.WriteString("  # (s2_auto) still frames every byte in S2 below 10 ms of RTT.\n")
+	b.WriteString("  compression: off\n")
 	if sec.tls() {
 		sec.writeTLS(&b, "  ", true)
 	}
@@ -171,10 +174,10 @@ func RenderNATSConfig(cfg NATSConfig) string {
 				r = strings.Replace(r, "://", "://"+natsLeafUser+":"+url.QueryEscape(sec.LeafPassword)+"@", 1)
 			}
 			if !sec.tls() {
-				fmt.Fprintf(&b, "    { url: %s }\n", confQuote(r))
+				fmt.Fprintf(&b, "    { url: %s, compression: off }\n", confQuote(r))
 				continue
 			}
-			fmt.Fprintf(&b, "    {\n      url: %s\n", confQuote(r))
+			fmt.Fprintf(&b, "    {\n      url: %s\n      compression: off\n", confQuote(r))
 			sec.writeTLS(&b, "      ", false)
 			b.WriteString("    }\n")
 		}

@@ -101,6 +101,15 @@ func TestRenderNATSConfig(t *testing.T) {
 				t.Fatalf("parse rendered config: %v\n%s", err, text)
 			}
 			checkNATSOptions(t, opts, tt.cfg.Name, tt.cfg.SyncInterval, tt.cfg.Remotes)
+			// loopback links: no S2 framing on either end of a leaf link
+			if m := opts.LeafNode.Compression.Mode; m != server.CompressionOff {
+				t.Errorf("leafnodes.compression: got %q, want %q", m, server.CompressionOff)
+			}
+			for _, r := range opts.LeafNode.Remotes {
+				if m := r.Compression.Mode; m != server.CompressionOff {
+					t.Errorf("remote %v compression: got %q, want %q", r.URLs, m, server.CompressionOff)
+				}
+			}
 			wantPort, wantLeaf := tt.cfg.Port, tt.cfg.LeafPort
 			if wantPort == 0 {
 				wantPort = server.RANDOM_PORT
