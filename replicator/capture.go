@@ -672,7 +672,10 @@ func (s *captureSession) publishChunk(ctx context.Context, final bool, endLSN ch
 		Txns:   []change.Txn{*s.cur},
 		Chunk:  &change.Chunk{Index: s.curChunks, Final: final},
 	}
-	s.cur.Changes = nil
+	// Publish encodes the batch before it returns, so the next chunk
+	// gathers into the same array (a large transaction's chunks each grew
+	// one from nothing: a quarter of the agent's CPU in a bulk catch-up)
+	defer func(changes []change.Change) { s.cur.Changes = changes[:0] }(s.cur.Changes)
 	s.curChunks++
 	var (
 		confirm change.LSN
@@ -697,8 +700,12 @@ func (s *captureSession) flushRun(ctx context.Context) error {
 		f.changes += len(s.run[i].Changes)
 	}
 	confirm := s.runEnd
+	run := s.run
 	s.run, s.runBytes = nil, 0
-	return s.publish(ctx, b, confirm, f)
+	err := s.publish(ctx, b, confirm, f)
+	clear(run) // Publish encoded b before it returned: the array holds the next run
+	s.run = run[:0]
+	return err
 }
 
 // publish hands b to the publisher; f describes what its acknowledgement

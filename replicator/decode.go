@@ -52,6 +52,7 @@ type decoder struct {
 	relations map[uint32]*change.Relation
 	inTxn     bool
 	beginLSN  change.LSN
+	slab      []byte // see keep
 }
 
 func newDecoder(types typeNamer) *decoder {

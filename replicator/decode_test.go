@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"reflect"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -249,6 +251,49 @@ func TestRowChangeMatchesPglogrepl(t *testing.T) {
 					t.Errorf("%q: %s value %d is %c %q, pglogrepl %c %q", m, side.name, i, g.Kind, g.Data, c.DataType, c.Data)
 				}
 			}
+		}
+	}
+}
+
+// TestDecodeKeepsRows checks the copies rowChange keeps: the connection
+// reuses its read buffer for the next message, so a decoded row must not
+// change when that buffer does; rows share slabs, so appending to one
+// value must not write into the next row; and a row too large for a slab
+// is copied on its own.
+func TestDecodeKeepsRows(t *testing.T) {
+	ctx := context.Background()
+	d := newDecoder(&fakeTypes{})
+	for _, m := range []pgout{relationMsg(16384, "public", "t", 'd', "id", "v"), msg('B').u64(0x3000060).ts(time.Now()).u32(742)} {
+		if _, err := d.decode(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	big := strings.Repeat("x", slabSize)
+	buf := make([]byte, 0, 2*slabSize)
+	var rows [][]change.Value
+	want := func(i int) (string, string) {
+		if i%500 == 499 {
+			return strconv.Itoa(i), big
+		}
+		return strconv.Itoa(i), "value " + strconv.Itoa(i)
+	}
+	for i := range 3000 { // several slabs
+		id, v := want(i)
+		buf = append(buf[:0], msg('I').u32(16384).u8('N').tuple(id, v)...)
+		ev, err := d.decode(ctx, buf)
+		if err != nil {
+			t.Fatalf("row %d: %v", i, err)
+		}
+		clear(buf) // as the connection reads the next message over it
+		rows = append(rows, ev.change.New)
+	}
+	for _, r := range rows {
+		_ = append(r[1].Data, strings.Repeat("!", 64)...) // must not reach the next row
+	}
+	for i, r := range rows {
+		id, v := want(i)
+		if string(r[0].Data) != id || string(r[1].Data) != v {
+			t.Fatalf("row %d reads (%.20q, %.20q), want (%.20q, %.20q)", i, r[0].Data, r[1].Data, id, v)
 		}
 	}
 }

@@ -30,7 +30,7 @@ func (d *decoder) rowChange(data []byte) (ev event, err error) {
 	if err != nil {
 		return ev, err
 	}
-	r := rowReader{buf: bytes.Clone(data), off: 5, rel: rel, what: what}
+	r := rowReader{buf: d.keep(data), off: 5, rel: rel, what: what}
 	c := change.Change{Rel: rel}
 	switch data[0] {
 	case 'I':
@@ -68,6 +68,27 @@ func (d *decoder) rowChange(data []byte) (ev event, err error) {
 	}
 	ev.kind, ev.change = evChange, c
 	return ev, nil
+}
+
+// slabSize is the size of the buffers keep copies messages into.
+const slabSize = 64 << 10
+
+// keep returns a copy of data that the decoded values may alias. Small
+// messages share a slab (one allocation for hundreds of rows, instead of
+// one each: a catch-up decodes a million); a slab is only ever appended
+// to, and a full one is left to the garbage collector with the values
+// that still use it. The copy's capacity ends with it, so appending to a
+// value cannot write into the next message.
+func (d *decoder) keep(data []byte) []byte {
+	if len(data) > slabSize/8 {
+		return bytes.Clone(data)
+	}
+	if cap(d.slab)-len(d.slab) < len(data) {
+		d.slab = make([]byte, 0, slabSize)
+	}
+	n := len(d.slab)
+	d.slab = append(d.slab, data...)
+	return d.slab[n:len(d.slab):len(d.slab)]
 }
 
 // rowReader reads the row images (TupleData) of one message.
