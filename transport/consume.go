@@ -25,13 +25,18 @@ type Subscriber struct {
 	// (at least twice the server's max_payload is used).
 	Prefetch int
 	// Decoded bounds the decoded messages waiting for the reader, counted
-	// by their encoded size; one message always fits.
+	// by their encoded size; one message always fits. Decoded changes
+	// take several times their encoded size, all of it pointers the
+	// collector scans: with 16 MiB the apply agent's live heap stayed near
+	// its memory limit through a long backlog, and collecting took most of
+	// its CPU (docs/performance.md, change 21). A few messages are enough
+	// to keep the reader fed.
 	Decoded int
 }
 
 // NewSubscriber returns a subscriber on js.
 func NewSubscriber(js jetstream.JetStream) *Subscriber {
-	return &Subscriber{js: js, Prefetch: 32 << 20, Decoded: 16 << 20}
+	return &Subscriber{js: js, Prefetch: 32 << 20, Decoded: 4 << 20}
 }
 
 // subscriberBuffer is the channel capacity: enough small messages (a
