@@ -672,10 +672,6 @@ func (s *captureSession) publishChunk(ctx context.Context, final bool, endLSN ch
 		Txns:   []change.Txn{*s.cur},
 		Chunk:  &change.Chunk{Index: s.curChunks, Final: final},
 	}
-	// Publish encodes the batch before it returns, so the next chunk
-	// gathers into the same array (a large transaction's chunks each grew
-	// one from nothing: a quarter of the agent's CPU in a bulk catch-up)
-	defer func(changes []change.Change) { s.cur.Changes = changes[:0] }(s.cur.Changes)
 	s.curChunks++
 	var (
 		confirm change.LSN
@@ -687,7 +683,12 @@ func (s *captureSession) publishChunk(ctx context.Context, final bool, endLSN ch
 		s.published = s.cur.LSN
 		f.last, f.txns = header(s.cur), 1
 	}
-	return s.publish(ctx, b, confirm, f)
+	err := s.publish(ctx, b, confirm, f)
+	// Publish encoded b before it returned: the next chunk gathers into the
+	// same array (a large transaction's chunks each grew one from nothing:
+	// a quarter of the agent's CPU in a bulk catch-up)
+	s.cur.Changes = s.cur.Changes[:0]
+	return err
 }
 
 func (s *captureSession) flushRun(ctx context.Context) error {
