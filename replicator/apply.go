@@ -46,10 +46,12 @@ type ApplyConfig struct {
 	// (and how many bytes of messages) one target transaction may group.
 	MaxBatchTxns  int
 	MaxBatchBytes int
-	// SynchronousCommit waits for the replica's WAL flush on every target
-	// commit. Off is safe for exactly-once (the position commits with the
-	// data, so a crash loses both together and they are applied again); it
-	// only widens what a crash of the replica's PostgreSQL re-applies.
+	// SynchronousCommit keeps the replica server's synchronous_commit for
+	// apply's session (on by default: every target commit waits for its
+	// WAL flush); false turns it off. Off is safe for exactly-once (the
+	// position commits with the data, so a crash loses both together and
+	// they are applied again), but readers of the replica see its data go
+	// back after a crash of its PostgreSQL until apply writes it again.
 	SynchronousCommit bool
 	// AutoAddColumns adds a column the source has and the replica lacks
 	// (nullable, no default) instead of pausing on the difference.

@@ -377,16 +377,17 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 	}
 	cluster := a.cfg.Cluster
 	ap := replicator.NewApply(replicator.ApplyConfig{
-		Cluster:        a.cfg.Cluster,
-		Site:           a.node.Site,
-		DSN:            site.Postgres,
-		Primary:        role.Primary,
-		Epoch:          role.Epoch,
-		History:        history,
-		StreamOf:       func(site string) string { return transport.StreamName(cluster, site) },
-		MaxBatchTxns:   a.cfg.Apply.MaxBatchTxns,
-		AutoAddColumns: a.cfg.Schema.AutoAddColumns,
-		MaxBatchBytes:  a.cfg.Apply.MaxBatchBytes,
+		Cluster:           a.cfg.Cluster,
+		Site:              a.node.Site,
+		DSN:               site.Postgres,
+		Primary:           role.Primary,
+		Epoch:             role.Epoch,
+		History:           history,
+		StreamOf:          func(site string) string { return transport.StreamName(cluster, site) },
+		MaxBatchTxns:      a.cfg.Apply.MaxBatchTxns,
+		AutoAddColumns:    a.cfg.Schema.AutoAddColumns,
+		SynchronousCommit: a.cfg.Apply.SynchronousCommit,
+		MaxBatchBytes:     a.cfg.Apply.MaxBatchBytes,
 	}, transport.NewSubscriber(js), a.log, obs, a.cacheKeys())
 	return ap.Run(ctx)
 }

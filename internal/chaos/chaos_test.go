@@ -19,6 +19,7 @@ import (
 	"github.com/xdcr/xdcr/deploy/faults"
 	"github.com/xdcr/xdcr/deploy/local"
 	"github.com/xdcr/xdcr/deploy/topology"
+	"github.com/xdcr/xdcr/internal/config"
 	"github.com/xdcr/xdcr/internal/wait"
 	"github.com/xdcr/xdcr/replicator"
 	"github.com/xdcr/xdcr/replicator/change"
@@ -125,6 +126,11 @@ func newEnvOf(t *testing.T, tables []string, schema string) *Env {
 		Binary:  env.binary,
 		Dir:     t.TempDir(),
 		WAN:     env.wan,
+		// apply commits with the sites' synchronous_commit (on, above):
+		// with it off, a replica whose PostgreSQL restart-replica-pg
+		// kills forgets commits that readers saw, and the prefix checker
+		// sees its log go back (docs/faults.md)
+		Tune: func(cfg *config.Config) { cfg.Apply.SynchronousCommit = true },
 	})
 	if err != nil {
 		t.Fatalf("new cluster: %v", err)

@@ -234,6 +234,14 @@ type Apply struct {
 	// MaxBatchBytes bounds one target transaction. Default 8MiB;
 	// 4KiB..1GiB.
 	MaxBatchBytes int
+	// SynchronousCommit makes apply commit with the replica server's own
+	// synchronous_commit (on unless changed there) instead of turning it
+	// off for its session. Off, the default and what a PostgreSQL
+	// subscription does, loses nothing: the applied position commits with
+	// the data, so a crash of the replica's PostgreSQL forgets both and
+	// apply writes them again. But readers of the replica may see its data
+	// go back for that moment. Written synchronous_commit.
+	SynchronousCommit bool
 }
 
 // Invalidation tunes the cache invalidation that runs in every site.

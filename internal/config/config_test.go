@@ -138,7 +138,7 @@ func TestParseAllKeys(t *testing.T) {
 	if c.Capture != want {
 		t.Errorf("capture: got %+v, want %+v", c.Capture, want)
 	}
-	if want := (Apply{MaxBatchTxns: 1, MaxBatchBytes: 64_000_000}); c.Apply != want {
+	if want := (Apply{MaxBatchTxns: 1, MaxBatchBytes: 64_000_000, SynchronousCommit: true}); c.Apply != want {
 		t.Errorf("apply: got %+v, want %+v", c.Apply, want)
 	}
 	if want := (Stream{MaxAge: Unlimited, MaxBytes: 100 << 30, DuplicateWindow: 5 * time.Minute}); c.Stream != want {
@@ -402,7 +402,10 @@ func TestSchemaAndHTTP(t *testing.T) {
 			t.Errorf("%s: true read as false", spelling)
 		}
 	}
-	if c := mustParse(t, []byte(base)); c.Schema.AutoAddColumns || c.HTTP != (HTTP{}) {
+	if c := mustParse(t, []byte(base+"apply: {synchronous_commit: true}\n")); !c.Apply.SynchronousCommit {
+		t.Errorf("apply.synchronous_commit: true read as false")
+	}
+	if c := mustParse(t, []byte(base)); c.Schema.AutoAddColumns || c.Apply.SynchronousCommit || c.HTTP != (HTTP{}) {
 		t.Errorf("defaults: got %+v %+v, want auto_add_columns off and no token", c.Schema, c.HTTP)
 	}
 

@@ -17,7 +17,7 @@ var (
 	nodeKeys         = []string{"site", "raft", "http"}
 	cacheTableKeys   = []string{"keys", "warm"}
 	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval", "max_retained_wal", "catch_up_round"}
-	applyKeys        = []string{"max_batch_txns", "max_batch_bytes"}
+	applyKeys        = []string{"max_batch_txns", "max_batch_bytes", "synchronous_commit"}
 	streamKeys       = []string{"max_age", "max_bytes", "duplicate_window"}
 	invalidationKeys = []string{"max_outbox_rows"}
 	schemaKeys       = []string{"auto_add_columns", "auto-add-columns"}
@@ -146,6 +146,7 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 		g := d.fields(n, "apply", applyKeys)
 		c.Apply.MaxBatchTxns = d.integer(g["max_batch_txns"], "apply.max_batch_txns")
 		c.Apply.MaxBatchBytes = d.sizeInt(g["max_batch_bytes"], "apply.max_batch_bytes")
+		c.Apply.SynchronousCommit = d.boolean(g["synchronous_commit"], "apply.synchronous_commit")
 	}
 	if n := f["stream"]; n != nil {
 		g := d.fields(n, "stream", streamKeys)

@@ -84,6 +84,7 @@
 //	capture.max_retained_wal    10GiB    > 0, or 0 (off)
 //	apply.max_batch_txns        1000     >= 1
 //	apply.max_batch_bytes       8MiB     4KiB .. 1GiB
+//	apply.synchronous_commit    false    true: commit with the server's setting
 //	stream.max_age              168h     > 0, or unlimited
 //	stream.max_bytes            0 (none) 0, or >= capture.max_batch_bytes
 //	stream.duplicate_window     2m       > 0, <= stream.max_age

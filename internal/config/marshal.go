@@ -105,6 +105,9 @@ func (c *Config) Marshal() ([]byte, error) {
 	apply := mapping(false)
 	add(apply, "max_batch_txns", intNode(int64(ap.MaxBatchTxns)))
 	add(apply, "max_batch_bytes", sizeNode(int64(ap.MaxBatchBytes)))
+	if ap.SynchronousCommit {
+		add(apply, "synchronous_commit", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+	}
 	add(root, "apply", apply)
 
 	st := c.Stream.withDefaults()

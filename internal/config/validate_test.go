@@ -236,6 +236,8 @@ func TestValidationRules(t *testing.T) {
 			path: "invalidation.max_outbox_rows", problem: `"10" is outside 100..100000000`, fix: "e.g. 100000"},
 		{name: "max outbox rows not a number", yaml: base + "invalidation: {max_outbox_rows: many}\n",
 			path: "invalidation.max_outbox_rows", problem: "not a whole number", fix: "256"},
+		{name: "apply synchronous commit not a bool", yaml: base + "apply: {synchronous_commit: remote_apply}\n",
+			path: "apply.synchronous_commit", problem: `"remote_apply" is not true or false`, fix: "true or false"},
 		// schema
 		{name: "auto add columns not a bool", yaml: base + "schema: {auto_add_columns: maybe}\n",
 			path: "schema.auto_add_columns", problem: `"maybe" is not true or false`, fix: "true or false"},
