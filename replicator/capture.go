@@ -700,12 +700,12 @@ func (s *captureSession) flushRun(ctx context.Context) error {
 	for i := range s.run {
 		f.changes += len(s.run[i].Changes)
 	}
-	confirm := s.runEnd
-	run := s.run
-	s.run, s.runBytes = nil, 0
-	err := s.publish(ctx, b, confirm, f)
-	clear(run) // Publish encoded b before it returned: the array holds the next run
-	s.run = run[:0]
+	// The run stays buffered while publish waits for room in the window,
+	// so an acknowledgement that empties the window meanwhile does not
+	// confirm the slot past it (idleConfirm).
+	err := s.publish(ctx, b, s.runEnd, f)
+	clear(s.run) // Publish encoded b before it returned: the array holds the next run
+	s.run, s.runBytes = s.run[:0], 0
 	return err
 }
 
