@@ -232,6 +232,10 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
+	var syncCommit string // what the session ended up with, for the log
+	if err := conn.QueryRow(ctx, "SHOW synchronous_commit").Scan(&syncCommit); err != nil {
+		return false, fmt.Errorf("read synchronous_commit of the apply session: %w", err)
+	}
 	meta, err := ConnectMeta(ctx, a.cfg.DSN)
 	if err != nil {
 		return false, err
@@ -265,7 +269,7 @@ func (a *Apply) session(ctx context.Context) (bool, error) {
 	}
 	defer stop()
 	a.log.Info("apply streaming", "stream", stream, "after_seq", after, "position", pos.Position,
-		"epoch", f.epoch, "origin", f.origin, "epoch_ends_at", f.end)
+		"epoch", f.epoch, "origin", f.origin, "epoch_ends_at", f.end, "synchronous_commit", syncCommit)
 	a.obs.State(StateStreaming, nil)
 
 	w := &applier{

@@ -406,7 +406,7 @@ func TestSchemaAndHTTP(t *testing.T) {
 		t.Errorf("apply.synchronous_commit: true read as false")
 	}
 	if c := mustParse(t, []byte(base)); c.Schema.AutoAddColumns || c.Apply.SynchronousCommit || c.HTTP != (HTTP{}) {
-		t.Errorf("defaults: got %+v %+v, want auto_add_columns off and no token", c.Schema, c.HTTP)
+		t.Errorf("defaults: got %+v %+v %+v, want auto_add_columns and apply's synchronous_commit off and no token", c.Schema, c.Apply, c.HTTP)
 	}
 
 	token := strings.Repeat("t0k", 8)
