@@ -43,13 +43,13 @@ func FreePorts(n int) (ports []int, err error) {
 	}()
 	below := ephemeralLow()
 	for tries := 0; len(ports) < n; tries++ {
-		addr := "127.0.0.1:0"
-		if below > lowestPort && tries < 100*n {
-			addr = "127.0.0.1:" + strconv.Itoa(lowestPort+rand.IntN(below-lowestPort))
+		port, random := 0, below > lowestPort && tries < 100*n
+		if random {
+			port = lowestPort + rand.IntN(below-lowestPort)
 		}
-		l, err := net.Listen("tcp", addr)
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
 		if err != nil {
-			if addr != "127.0.0.1:0" {
+			if random {
 				continue // taken: try another
 			}
 			return nil, fmt.Errorf("pick a free port: %w", err)

@@ -106,7 +106,7 @@ func (c *Config) Marshal() ([]byte, error) {
 	add(apply, "max_batch_txns", intNode(int64(ap.MaxBatchTxns)))
 	add(apply, "max_batch_bytes", sizeNode(int64(ap.MaxBatchBytes)))
 	if ap.SynchronousCommit {
-		add(apply, "synchronous_commit", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+		add(apply, "synchronous_commit", trueNode())
 	}
 	add(root, "apply", apply)
 
@@ -132,7 +132,7 @@ func (c *Config) Marshal() ([]byte, error) {
 
 	if c.Schema.AutoAddColumns {
 		schema := mapping(false)
-		add(schema, "auto_add_columns", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+		add(schema, "auto_add_columns", trueNode())
 		add(root, "schema", schema)
 	}
 	if c.TLS.Enabled() {
@@ -151,10 +151,10 @@ func (c *Config) Marshal() ([]byte, error) {
 			addStr(h, "admin_token_file", c.HTTP.AdminTokenFile)
 		}
 		if c.HTTP.ProtectReads {
-			add(h, "protect_reads", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+			add(h, "protect_reads", trueNode())
 		}
 		if c.HTTP.TLS {
-			add(h, "tls", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+			add(h, "tls", trueNode())
 		}
 		add(root, "http", h)
 	}
@@ -187,6 +187,11 @@ func str(s string) *yaml.Node {
 // value is a string value, escaped so that Parse does not expand it.
 func value(s string) *yaml.Node {
 	return str(escapeDollars(s))
+}
+
+// trueNode is a YAML true; the marshalled file leaves false keys out.
+func trueNode() *yaml.Node {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"}
 }
 
 func intNode(n int64) *yaml.Node {
