@@ -20,8 +20,8 @@ const (
 	magic       = "\x89XDC"
 	wireVersion = 1
 
-	// flagCompressed is reserved for a compressed body. Version 1 writers
-	// never set it and version 1 readers refuse it.
+	// flagCompressed marks a compressed body (compress.go). Builds before
+	// compression refuse such a message as unsupported.
 	flagCompressed = 1 << 0
 
 	kindRun       = 'R'
@@ -503,27 +503,45 @@ func (t *relTable) add(r *change.Relation) {
 	}
 }
 
+// Decode parses one message with a [Decoder] of its own; readers of many
+// messages keep one Decoder instead.
+func Decode(data []byte) (*change.Batch, error) {
+	var d Decoder
+	return d.Decode(data)
+}
+
+// Decoder parses messages, plain or compressed. Its zero value is ready;
+// it makes a zstd decoder at its first compressed message and keeps it.
+// Safe for concurrent use.
+type Decoder struct {
+	dc decompressor
+}
+
 // Decode parses one message.
 //
-// Decode does not copy values: the Data of every Text and Binary value of
-// the result aliases data (with its capacity clipped, so appending to it
-// cannot overwrite its neighbours). The caller must keep data alive and
-// unmodified for as long as it uses the batch. Everything else (names,
-// relations, the batch itself) is copied into a few allocations per
-// message; the changes of one relation share one *[change.Relation].
+// Decode does not copy the values of a plain message: the Data of every
+// Text and Binary value of the result aliases data (with its capacity
+// clipped, so appending to it cannot overwrite its neighbours). The caller
+// must keep data alive and unmodified for as long as it uses the batch.
+// The values of a compressed message alias its decompressed body, which
+// the batch keeps alive. Everything else (names, relations, the batch
+// itself) is copied into a few allocations per message; the changes of
+// one relation share one *[change.Relation].
 //
 // Commit and heartbeat times are returned in UTC. A decoded Text or Binary
 // value always has non-nil Data (an empty value is []byte{}), Null and
 // Unchanged values have nil Data, and a transaction without changes has nil
 // Changes (a relation without columns, nil Columns). Decode allocates at
-// most a small multiple of len(data) (about 40 times), hostile input
-// included.
+// most a small multiple of len(data) (about 40 times) for a plain message,
+// hostile input included; a compressed one adds its declared plain body,
+// at most 64 MiB.
 //
-// Every error wraps [ErrMalformed] and is a [*DecodeError]; a message of a
-// version or with a flag this build does not read gives one wrapping
-// [ErrUnsupportedVersion]. Decode never panics and bounds every count it
-// reads by the bytes that remain.
-func Decode(data []byte) (*change.Batch, error) {
+// Every error wraps [ErrMalformed] and is a [*DecodeError]; one in the
+// plain body of a compressed message points at the compressed body and
+// names the offset in the plain body in its reason. A message of a version or with a flag this build does not read
+// gives one wrapping [ErrUnsupportedVersion]. Decode never panics and
+// bounds every count it reads by the bytes that remain.
+func (dd *Decoder) Decode(data []byte) (*change.Batch, error) {
 	if len(data) < len(magic) || string(data[:len(magic)]) != magic {
 		return nil, &DecodeError{Offset: 0, Reason: "not an xdcr message (bad magic)"}
 	}
@@ -542,20 +560,41 @@ func Decode(data []byte) (*change.Batch, error) {
 		return nil, &DecodeError{Offset: end,
 			Reason: fmt.Sprintf("checksum mismatch: message says %08x, bytes give %08x", got, want)}
 	}
-	if f := data[len(magic)+1]; f != 0 {
-		reason := fmt.Sprintf("unknown flags %#02x", f)
-		if f == flagCompressed {
-			reason = "compressed messages are not supported by this build"
-		}
-		return nil, &DecodeError{Offset: len(magic) + 1, Reason: reason, err: ErrUnsupportedVersion}
+	f := data[len(magic)+1]
+	if f&^flagCompressed != 0 {
+		return nil, &DecodeError{Offset: len(magic) + 1, Reason: fmt.Sprintf("unknown flags %#02x", f), err: ErrUnsupportedVersion}
 	}
-	d := decoder{buf: data[:end], off: headerLen}
-	b := d.message(data[headerLen-1])
+	if f != flagCompressed {
+		b, err := parseBody(data[:end])
+		if err != nil { // not a nil *DecodeError in a non-nil error
+			return nil, err
+		}
+		return b, nil
+	}
+	plain, derr := dd.dc.plain(data)
+	if derr != nil {
+		return nil, derr
+	}
+	b, err := parseBody(plain)
+	if err != nil {
+		// the offset is in the plain body; say so, and point at the
+		// compressed body in the message itself
+		err.Reason = fmt.Sprintf("decompressed body, byte %d: %s", err.Offset, err.Reason)
+		err.Offset = headerLen
+		return nil, err
+	}
+	return b, nil
+}
+
+// parseBody parses a plain message without its trailer.
+func parseBody(body []byte) (*change.Batch, *DecodeError) {
+	d := decoder{buf: body, off: headerLen}
+	b := d.message(body[headerLen-1])
 	if d.err != nil {
 		return nil, d.err
 	}
-	if d.off != end {
-		return nil, &DecodeError{Offset: d.off, Reason: fmt.Sprintf("%d bytes of trailing garbage", end-d.off)}
+	if d.off != len(body) {
+		return nil, &DecodeError{Offset: d.off, Reason: fmt.Sprintf("%d bytes of trailing garbage", len(body)-d.off)}
 	}
 	return b, nil
 }

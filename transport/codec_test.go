@@ -307,7 +307,7 @@ func aliases(b, msg []byte) bool {
 }
 
 func TestGolden(t *testing.T) {
-	names := map[string]bool{}
+	names := map[string]bool{compressedGolden: true} // TestCompressedGolden
 	for _, tc := range codecCases() {
 		names[tc.name+".bin"] = true
 		t.Run(tc.name, func(t *testing.T) {
@@ -571,7 +571,7 @@ func TestDecodeMalformed(t *testing.T) {
 		{"header only", []byte(magic + "\x01\x00R"), "truncated", false},
 		{"version 0", reseal(func(m []byte) []byte { m[4] = 0; return m }), "version 0", true},
 		{"version 2", reseal(func(m []byte) []byte { m[4] = 2; return m }), "version 2", true},
-		{"compressed", reseal(func(m []byte) []byte { m[5] = flagCompressed; return m }), "compressed", true},
+		{"plain body flagged compressed", reseal(func(m []byte) []byte { m[5] = flagCompressed; return m }), "compressed body", false},
 		{"unknown flag", reseal(func(m []byte) []byte { m[5] = 0x80; return m }), "unknown flags", true},
 		{"bad crc", func() []byte { m := slices.Clone(valid); m[len(m)-1] ^= 1; return m }(), "checksum mismatch", false},
 		{"byte appended", append(slices.Clone(valid), 0), "checksum mismatch", false},

@@ -81,6 +81,7 @@ func (s *Subscriber) Subscribe(ctx context.Context, stream string, afterSeq uint
 	}
 	out := make(chan change.Delivery, subscriberBuffer)
 	queued := &queuedBytes{limit: s.Decoded}
+	var dec Decoder
 	runCtx, cancel := context.WithCancel(ctx)
 	var (
 		wg      sync.WaitGroup
@@ -103,11 +104,11 @@ func (s *Subscriber) Subscribe(ctx context.Context, stream string, afterSeq uint
 				failure = fmt.Errorf("read stream %s: %w", stream, err)
 				return
 			}
-			d := change.Delivery{Seq: md.Sequence.Stream, Size: len(msg.Data())}
+			d := change.Delivery{Seq: md.Sequence.Stream, Size: plainLen(msg.Data())}
 			if err := queued.wait(runCtx, func() int { return len(out) }, d.Size); err != nil {
 				return
 			}
-			d.Batch, d.Err = Decode(msg.Data())
+			d.Batch, d.Err = dec.Decode(msg.Data())
 			select {
 			case out <- d:
 				queued.add(d.Size)

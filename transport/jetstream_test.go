@@ -2,6 +2,7 @@ package transport
 
 import (
 	"errors"
+	"reflect"
 	"testing"
 	"time"
 
@@ -199,9 +200,15 @@ func TestPublisherRefusesGaps(t *testing.T) {
 }
 
 // TestSubscriberBoundsBytes: a reader that does not keep up finds only as
-// many decoded messages waiting as fit in Subscriber.Decoded, and then
-// every message, in order.
+// many decoded messages waiting as fit in Subscriber.Decoded, counted
+// decompressed, and then every message, in order.
 func TestSubscriberBoundsBytes(t *testing.T) {
+	for _, c := range []Compression{CompressNone, CompressZstd} {
+		t.Run(string(c), func(t *testing.T) { testSubscriberBoundsBytes(t, c) })
+	}
+}
+
+func testSubscriberBoundsBytes(t *testing.T, c Compression) {
 	sites, js := natsSites(t, 1)
 	ctx := t.Context()
 	names := sites.Names()
@@ -209,6 +216,9 @@ func TestSubscriberBoundsBytes(t *testing.T) {
 		t.Fatal(err)
 	}
 	pub := NewPublisher(js[0], "shop", names[0])
+	if err := pub.Compress(c); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := pub.Resume(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -247,5 +257,67 @@ func TestSubscriberBoundsBytes(t *testing.T) {
 		case <-time.After(30 * time.Second):
 			t.Fatalf("seq %d never arrived", want)
 		}
+	}
+}
+
+// TestPublisherCompresses: with zstd, a message of rows is stored
+// compressed, arrives through the mirror decoded to the batch published
+// with its decompressed size, and Resume reads it back.
+func TestPublisherCompresses(t *testing.T) {
+	sites, js := natsSites(t, 2)
+	ctx := t.Context()
+	names := sites.Names()
+	for i, site := range names {
+		if err := EnsureStreams(ctx, js[i], "shop", site, names, StreamSettings{DuplicateWindow: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pub := NewPublisher(js[0], "shop", "dc-a")
+	if err := pub.Compress(CompressZstd); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pub.Resume(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	want := rowsBatch(5000)
+	plain := mustEncode(t, want)
+	publishAll(t, pub, []*change.Batch{want, runBatch("dc-a", 0x2000)})
+	st, err := js[0].Stream(ctx, StreamName("shop", "dc-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := st.GetMsg(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if raw.Data[len(magic)+1] != flagCompressed || len(raw.Data) > len(plain)/2 {
+		t.Fatalf("stored %d bytes with flags %#x for a %d-byte message; want it compressed", len(raw.Data), raw.Data[len(magic)+1], len(plain))
+	}
+	out, stop, err := NewSubscriber(js[1]).Subscribe(ctx, StreamName("shop", "dc-a"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	select {
+	case d := <-out:
+		if d.Err != nil {
+			t.Fatal(d.Err)
+		}
+		if !reflect.DeepEqual(d.Batch, want) {
+			t.Fatalf("got %s\nwant %s", dump(d.Batch), dump(want))
+		}
+		if d.Size != len(plain)-trailerLen {
+			t.Errorf("Size = %d, want the decompressed %d", d.Size, len(plain)-trailerLen)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the compressed message never arrived through dc-b's mirror")
+	}
+	// Resume passes over the last message (a run of epoch 1) and reads
+	// the compressed one of epoch 3
+	if last, err := pub.Resume(ctx, 3); err != nil || !reflect.DeepEqual(last, want) {
+		t.Fatalf("resume: %v, %v", last, err)
+	}
+	if err := pub.Compress("lz4"); err == nil {
+		t.Error("Compress(lz4) succeeded")
 	}
 }

@@ -25,6 +25,8 @@ type Publisher struct {
 	stream  string
 	subject string
 	expect  uint64 // stream sequence the next publish must follow
+	zc      *compressor
+	dec     Decoder
 }
 
 // NewPublisher returns a publisher for site origin of cluster. js should be
@@ -38,6 +40,17 @@ func NewPublisher(js jetstream.JetStream, cluster, origin string) *Publisher {
 		stream:  StreamName(cluster, origin),
 		subject: Subject(cluster, origin),
 	}
+}
+
+// Compress sets how the publisher compresses messages from now on
+// ([CompressNone] unless set); an unknown c is an error and changes nothing.
+func (p *Publisher) Compress(c Compression) error {
+	zc, err := newCompressor(c)
+	if err != nil {
+		return err
+	}
+	p.zc = zc
+	return nil
 }
 
 // resumeScan bounds how far back Resume looks past messages it cannot read
@@ -70,7 +83,7 @@ func (p *Publisher) Resume(ctx context.Context, epoch uint64) (*change.Batch, er
 		if raw.Subject != p.subject {
 			continue
 		}
-		b, err := Decode(raw.Data)
+		b, err := p.dec.Decode(raw.Data)
 		if err != nil || b.Origin != p.origin || b.Epoch != epoch {
 			continue // not ours; apply agents report it
 		}
@@ -89,6 +102,7 @@ func (p *Publisher) Publish(ctx context.Context, b *change.Batch) (<-chan error,
 	if err != nil {
 		return nil, fmt.Errorf("encode batch: %w", err)
 	}
+	data = p.zc.compress(data)
 	if max := p.js.Conn().MaxPayload(); int64(len(data)) > max {
 		return nil, fmt.Errorf("a message of %d bytes exceeds the NATS server's max_payload of %d bytes: "+
 			"raise max_payload (e.g. to 8MB) on every site's NATS server, or lower capture.max_batch_bytes", len(data), max)

@@ -29,8 +29,9 @@ type stageTrace struct {
 func (e *env) traceStages(ctx context.Context) (*stageTrace, error) {
 	t := &stageTrace{at: [2]map[int64]time.Time{{}, {}}}
 	for site := range t.at {
+		var dec transport.Decoder
 		stop, err := e.followStream(ctx, site, false, func(m jetstream.Msg, at time.Time) {
-			b, err := transport.Decode(m.Data())
+			b, err := dec.Decode(m.Data())
 			t.mu.Lock()
 			defer t.mu.Unlock()
 			if err != nil {

@@ -224,7 +224,7 @@ func (p Position) String() string {
 type Delivery struct {
 	Seq   uint64 // the stream sequence
 	Batch *Batch // nil when Err is set
-	Size  int    // bytes on the wire
+	Size  int    // bytes of the message, decompressed
 	// Err is set when the message could not be decoded; it names the cause.
 	Err error
 }
