@@ -346,6 +346,10 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 		if end, ok := a.raft.LocalState().EpochEnded(role.Epoch - 1); ok && end.Successor == a.node.Site {
 			seqs = end.Sequences
 		}
+		pub := transport.NewPublisher(js, a.cfg.Cluster, a.node.Site)
+		if err := pub.Compress(transport.Compression(a.cfg.Capture.Compression)); err != nil {
+			return fmt.Errorf("capture.compression: %w", err)
+		}
 		c := replicator.NewCapture(replicator.CaptureConfig{
 			Cluster:        a.cfg.Cluster,
 			Site:           a.node.Site,
@@ -358,7 +362,7 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 			MaxInFlight:    a.cfg.Capture.MaxInFlight,
 			CatchUpRound:   a.cfg.Capture.CatchUpRound,
 			Sequences:      seqs,
-		}, transport.NewPublisher(js, a.cfg.Cluster, a.node.Site), a.lease, a.log, obs)
+		}, pub, a.lease, a.log, obs)
 		a.setCapture(c)
 		defer a.setCapture(nil)
 		return c.Run(ctx)

@@ -224,6 +224,10 @@ type Capture struct {
 	// 100..10000000, or -1 to read every backlog through the replication
 	// protocol.
 	CatchUpRound int
+	// Compression is how published messages are compressed: "zstd" (the
+	// default) compresses a message's body when that saves at least an
+	// eighth of it, "none" never does. Apply agents read both.
+	Compression string
 }
 
 // Apply tunes the apply agents.
@@ -273,6 +277,7 @@ func DefaultCapture() Capture {
 		StatusInterval: time.Second,
 		MaxRetainedWAL: 10 << 30,
 		CatchUpRound:   500_000,
+		Compression:    "zstd",
 	}
 }
 
@@ -311,6 +316,9 @@ func (c Capture) withDefaults() Capture {
 	}
 	if c.CatchUpRound == 0 {
 		c.CatchUpRound = d.CatchUpRound
+	}
+	if c.Compression == "" {
+		c.Compression = d.Compression
 	}
 	return c
 }

@@ -89,7 +89,7 @@ func TestParseDesignExampleNeedsPassword(t *testing.T) {
 
 func TestDefaults(t *testing.T) {
 	c := mustParse(t, readFile(t, "testdata/design.yaml"))
-	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second, MaxRetainedWAL: 10 << 30, CatchUpRound: 500_000}); got != want {
+	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second, MaxRetainedWAL: 10 << 30, CatchUpRound: 500_000, Compression: "zstd"}); got != want {
 		t.Errorf("capture: got %+v, want %+v", got, want)
 	}
 	if got, want := c.Apply, (Apply{MaxBatchTxns: 1000, MaxBatchBytes: 8 << 20}); got != want {
@@ -134,7 +134,7 @@ func TestParseAllKeys(t *testing.T) {
 	if _, ok := c.Cache["public.payments"]; !ok {
 		t.Errorf("cache key payments not normalized: %q", c.Cache)
 	}
-	want := Capture{MaxBatchBytes: 512 << 10, FlushInterval: 2 * time.Millisecond, MaxInFlight: 1024, StatusInterval: 10 * time.Second, MaxRetainedWAL: 50 << 30, CatchUpRound: 2000}
+	want := Capture{MaxBatchBytes: 512 << 10, FlushInterval: 2 * time.Millisecond, MaxInFlight: 1024, StatusInterval: 10 * time.Second, MaxRetainedWAL: 50 << 30, CatchUpRound: 2000, Compression: "none"}
 	if c.Capture != want {
 		t.Errorf("capture: got %+v, want %+v", c.Capture, want)
 	}

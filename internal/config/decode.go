@@ -16,7 +16,7 @@ var (
 	tlsKeys          = []string{"ca_file", "cert_file", "key_file"}
 	nodeKeys         = []string{"site", "raft", "http"}
 	cacheTableKeys   = []string{"keys", "warm"}
-	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval", "max_retained_wal", "catch_up_round"}
+	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval", "max_retained_wal", "catch_up_round", "compression"}
 	applyKeys        = []string{"max_batch_txns", "max_batch_bytes", "synchronous_commit"}
 	streamKeys       = []string{"max_age", "max_bytes", "duplicate_window"}
 	invalidationKeys = []string{"max_outbox_rows"}
@@ -141,6 +141,7 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 		c.Capture.StatusInterval = d.duration(g["status_interval"], "capture.status_interval")
 		c.Capture.MaxRetainedWAL = d.walLimit(g["max_retained_wal"], "capture.max_retained_wal")
 		c.Capture.CatchUpRound = d.integer(g["catch_up_round"], "capture.catch_up_round")
+		c.Capture.Compression = d.str(g["compression"], "capture.compression")
 	}
 	if n := f["apply"]; n != nil {
 		g := d.fields(n, "apply", applyKeys)

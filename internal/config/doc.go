@@ -82,6 +82,8 @@
 //	capture.max_in_flight       256      1 .. 65536
 //	capture.status_interval     1s       (0, 60s)
 //	capture.max_retained_wal    10GiB    > 0, or 0 (off)
+//	capture.catch_up_round      500000   100 .. 10000000, or -1 (always stream)
+//	capture.compression         zstd     zstd, none
 //	apply.max_batch_txns        1000     >= 1
 //	apply.max_batch_bytes       8MiB     4KiB .. 1GiB
 //	apply.synchronous_commit    false    true: commit with the server's setting

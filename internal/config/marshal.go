@@ -94,6 +94,7 @@ func (c *Config) Marshal() ([]byte, error) {
 	add(capture, "max_in_flight", intNode(int64(cp.MaxInFlight)))
 	addStr(capture, "status_interval", formatDuration(cp.StatusInterval))
 	add(capture, "catch_up_round", intNode(int64(cp.CatchUpRound)))
+	addStr(capture, "compression", cp.Compression)
 	if cp.MaxRetainedWAL == NoWALLimit {
 		add(capture, "max_retained_wal", intNode(0))
 	} else {

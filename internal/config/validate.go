@@ -670,6 +670,10 @@ func (v *validator) tuning() {
 		v.add("capture.catch_up_round", v.show("capture.catch_up_round", strconv.Itoa(n))+" is outside 100..10000000",
 			"use a number of messages between 100 and 10000000, e.g. 500000, or -1 to read every backlog through the replication protocol")
 	}
+	if s := c.Compression; s != "zstd" && s != "none" {
+		v.add("capture.compression", v.show("capture.compression", s)+` is neither "zstd" nor "none"`,
+			`use zstd (compress messages that shrink by an eighth or more) or none`)
+	}
 	if n := c.MaxRetainedWAL; n < 0 && n != NoWALLimit {
 		v.add("capture.max_retained_wal", v.show("capture.max_retained_wal", formatSize(n))+" is negative",
 			`use a size such as 10GiB, or 0 to turn the warning off`)

@@ -281,6 +281,8 @@ func TestValidationRules(t *testing.T) {
 			path: "capture.max_in_flight", problem: "outside 1..65536", fix: "between 1 and 65536"},
 		{name: "catch-up round too small", yaml: base + "capture: {catch_up_round: 10}\n",
 			path: "capture.catch_up_round", problem: "outside 100..10000000", fix: "-1 to read every backlog through the replication protocol"},
+		{name: "unknown compression", yaml: base + "capture: {compression: gzip}\n",
+			path: "capture.compression", problem: `"gzip" is neither "zstd" nor "none"`, fix: "use zstd"},
 		{name: "catch-up round negative", yaml: base + "capture: {catch_up_round: -2}\n",
 			path: "capture.catch_up_round", problem: "outside 100..10000000", fix: "e.g. 500000"},
 		{name: "retained wal negative", yaml: base + "capture: {max_retained_wal: -5GiB}\n",
