@@ -54,7 +54,7 @@ func (e *env) pgbenchBacklog(ctx context.Context, txnsPerClient int) (wal uint64
 func (e *env) catchupNative(ctx context.Context, id int) (time.Duration, error) {
 	wctx, cancel := context.WithTimeout(ctx, e.sc.Timeout)
 	defer cancel()
-	cpu := e.watchCPU()
+	cpu := e.watchCPU(true)
 	t0 := time.Now()
 	if err := e.nativeEnable(ctx, true); err != nil {
 		return 0, err
@@ -103,7 +103,7 @@ func (e *env) catchupXDCR(ctx context.Context, m marker, h *hold, profile string
 		defer w.stop()
 		stages[i] = w
 	}
-	cpu := e.watchCPU()
+	cpu := e.watchCPU(true)
 	t0 := time.Now()
 	if err := h.release(ctx); err != nil {
 		return xdcrRun{}, fmt.Errorf("release the capture: %w", err)

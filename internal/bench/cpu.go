@@ -24,10 +24,14 @@ type cpuWatch struct {
 	e     *env
 	start map[int]int64
 	t0    time.Time
+	ended bool // count backends that end inside the window
 }
 
-func (e *env) watchCPU() *cpuWatch {
-	return &cpuWatch{e: e, start: e.cpuTicks(), t0: time.Now()}
+// watchCPU starts a window. With ended, the report counts the CPU of
+// backends that ended inside it too: in a catch-up those are xdcr's peek
+// sessions; in a steady run they would be pgbench's clients.
+func (e *env) watchCPU(ended bool) *cpuWatch {
+	return &cpuWatch{e: e, start: e.cpuTicks(), t0: time.Now(), ended: ended}
 }
 
 // pids returns the processes to watch with a fallback label.
@@ -56,6 +60,22 @@ func (e *env) cpuTicks() map[int]int64 {
 	for pid := range e.watchedPIDs() {
 		if t, ok := procTicks(pid); ok {
 			out[pid] = t
+		}
+	}
+	for pm := range e.postmasters() {
+		if t, ok := reapedTicks(pm); ok {
+			out[-pm] = t
+		}
+	}
+	return out
+}
+
+// postmasters maps the PID of each site's postmaster to the site's name.
+func (e *env) postmasters() map[int]string {
+	out := map[int]string{}
+	for _, s := range e.sites.List {
+		if pm := s.Postgres.PID(); pm != 0 {
+			out[pm] = s.Name
 		}
 	}
 	return out
@@ -91,6 +111,19 @@ func (w *cpuWatch) report(ctx context.Context) string {
 		}
 		total += d
 		uses = append(uses, use{label, d})
+	}
+	// Backends that ended inside the window (a catch-up's peek session)
+	// are gone from /proc; their CPU is in their postmaster's count of
+	// reaped children.
+	for pm, site := range w.e.postmasters() {
+		end, ok := reapedTicks(pm)
+		if !ok || !w.ended {
+			continue
+		}
+		if d := float64(end-w.start[-pm]) / clockTicks; d >= 0.05 {
+			total += d
+			uses = append(uses, use{site + " backends that ended", d})
+		}
 	}
 	slices.SortFunc(uses, func(a, b use) int {
 		switch {
@@ -144,23 +177,36 @@ func backendLabels(ctx context.Context, dsn string) map[int]string {
 
 // procTicks returns utime+stime of pid, in clock ticks.
 func procTicks(pid int) (int64, bool) {
+	return statTicks(pid, 11)
+}
+
+// reapedTicks returns cutime+cstime of pid: the CPU of its children that
+// ended and were waited for, in clock ticks.
+func reapedTicks(pid int) (int64, bool) {
+	return statTicks(pid, 13)
+}
+
+// statTicks returns the sum of two adjacent fields of /proc/PID/stat, at
+// index i and i+1 of the fields after the command.
+func statTicks(pid, i int) (int64, bool) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return 0, false
 	}
 	// the command may hold spaces and parentheses: fields start after the last ')'
 	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
+	cmdEnd := strings.LastIndexByte(s, ')')
+	if cmdEnd < 0 {
 		return 0, false
 	}
-	f := strings.Fields(s[i+1:])
-	// f[0] is field 3 (state); utime and stime are fields 14 and 15
-	if len(f) < 13 {
+	f := strings.Fields(s[cmdEnd+1:])
+	// f[0] is field 3 (state); utime and stime are fields 14 and 15,
+	// cutime and cstime 16 and 17
+	if len(f) < i+2 {
 		return 0, false
 	}
-	u, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	u, err1 := strconv.ParseInt(f[i], 10, 64)
+	st, err2 := strconv.ParseInt(f[i+1], 10, 64)
 	if err1 != nil || err2 != nil {
 		return 0, false
 	}

@@ -155,7 +155,7 @@ func (e *env) measureLag(ctx context.Context, target string, rate int, trace *st
 		return lagStats{}, err
 	}
 	start := time.Now()
-	cpu := e.watchCPU()
+	cpu := e.watchCPU(false)
 	out, err := e.pgbenchCmd(ctx, e.src, "", "-n", "-M", "prepared", "-c", strconv.Itoa(e.sc.Clients), "-j", "2",
 		"-R", strconv.Itoa(rate), "-T", strconv.Itoa(int(e.sc.Duration.Seconds())))
 	if err != nil {
