@@ -276,6 +276,8 @@ func TestPublisherCompresses(t *testing.T) {
 	if err := pub.Compress(CompressZstd); err != nil {
 		t.Fatal(err)
 	}
+	var sent [][2]int
+	pub.Sent = func(encoded, stored int) { sent = append(sent, [2]int{encoded, stored}) }
 	if _, err := pub.Resume(ctx, 3); err != nil {
 		t.Fatal(err)
 	}
@@ -292,6 +294,10 @@ func TestPublisherCompresses(t *testing.T) {
 	}
 	if raw.Data[len(magic)+1] != flagCompressed || len(raw.Data) > len(plain)/2 {
 		t.Fatalf("stored %d bytes with flags %#x for a %d-byte message; want it compressed", len(raw.Data), raw.Data[len(magic)+1], len(plain))
+	}
+	small := mustEncode(t, runBatch("dc-a", 0x2000))
+	if want := [][2]int{{len(plain), len(raw.Data)}, {len(small), len(small)}}; !reflect.DeepEqual(sent, want) {
+		t.Errorf("Sent saw %v, want %v", sent, want)
 	}
 	out, stop, err := NewSubscriber(js[1]).Subscribe(ctx, StreamName("shop", "dc-a"), 0)
 	if err != nil {

@@ -27,6 +27,9 @@ type Publisher struct {
 	expect  uint64 // stream sequence the next publish must follow
 	zc      *compressor
 	dec     Decoder
+	// Sent, when set, is told the size of every message handed to the
+	// stream: as encoded, and as sent (compressed, or the same).
+	Sent func(encoded, sent int)
 }
 
 // NewPublisher returns a publisher for site origin of cluster. js should be
@@ -102,6 +105,7 @@ func (p *Publisher) Publish(ctx context.Context, b *change.Batch) (<-chan error,
 	if err != nil {
 		return nil, fmt.Errorf("encode batch: %w", err)
 	}
+	encoded := len(data)
 	data = p.zc.compress(data)
 	if max := p.js.Conn().MaxPayload(); int64(len(data)) > max {
 		return nil, fmt.Errorf("a message of %d bytes exceeds the NATS server's max_payload of %d bytes: "+
@@ -120,6 +124,9 @@ func (p *Publisher) Publish(ctx context.Context, b *change.Batch) (<-chan error,
 		return nil, fmt.Errorf("publish to %s: %w", p.subject, err)
 	}
 	p.expect++
+	if p.Sent != nil {
+		p.Sent(encoded, len(data))
+	}
 	done := make(chan error, 1)
 	go func() {
 		select {

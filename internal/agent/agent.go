@@ -350,6 +350,7 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 		if err := pub.Compress(transport.Compression(a.cfg.Capture.Compression)); err != nil {
 			return fmt.Errorf("capture.compression: %w", err)
 		}
+		pub.Sent = a.metrics.observeSent
 		c := replicator.NewCapture(replicator.CaptureConfig{
 			Cluster:        a.cfg.Cluster,
 			Site:           a.node.Site,

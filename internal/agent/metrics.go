@@ -17,6 +17,7 @@ type metrics struct {
 
 	publishedTxns prometheus.Counter
 	publishedRows prometheus.Counter
+	sentBytes     *prometheus.CounterVec
 	appliedTxns   prometheus.Counter
 	appliedRows   prometheus.Counter
 	applyBatch    prometheus.Histogram
@@ -46,6 +47,10 @@ func newMetrics(version string) *metrics {
 			Name: "xdcr_published_rows_total",
 			Help: "Row changes the change stream acknowledged (primary site).",
 		}),
+		sentBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "xdcr_published_bytes_total",
+			Help: `Bytes of the messages capture handed to the change stream (primary site): form="encoded" as encoded, form="sent" as sent and stored (compressed by capture.compression, or the same).`,
+		}, []string{"form"}),
 		appliedTxns: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "xdcr_applied_transactions_total",
 			Help: "Source transactions applied to this site's database.",
@@ -98,9 +103,11 @@ func newMetrics(version string) *metrics {
 		ConstLabels: prometheus.Labels{"version": version},
 	})
 	build.Set(1)
-	r.MustRegister(m.publishedTxns, m.publishedRows, m.appliedTxns, m.appliedRows, m.applyBatch, m.errors,
+	r.MustRegister(m.publishedTxns, m.publishedRows, m.sentBytes, m.appliedTxns, m.appliedRows, m.applyBatch, m.errors,
 		m.retainedWAL, m.retainedWALExceeded, m.dropped, m.syncRunning, m.syncRows, m.syncRowsTotal, m.syncBytes, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.cache = newCacheMetrics(r)
+	m.sentBytes.WithLabelValues("encoded")
+	m.sentBytes.WithLabelValues("sent")
 	for _, k := range []string{"schema", "gap", "malformed", "slot", "permanent", "transient"} {
 		m.errors.WithLabelValues(k)
 	}
@@ -151,4 +158,10 @@ func (m *metrics) observeApply(p replicator.ApplyProgress) {
 	m.appliedTxns.Add(float64(p.Txns))
 	m.appliedRows.Add(float64(p.Changes))
 	m.applyBatch.Observe(p.Duration.Seconds())
+}
+
+// observeSent counts a message capture handed to the change stream.
+func (m *metrics) observeSent(encoded, sent int) {
+	m.sentBytes.WithLabelValues("encoded").Add(float64(encoded))
+	m.sentBytes.WithLabelValues("sent").Add(float64(sent))
 }

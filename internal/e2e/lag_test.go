@@ -337,11 +337,13 @@ func appliedLSN(t *testing.T, c *topology.Cluster, node string) string {
 }
 
 // TestMetrics: /metrics parses as Prometheus text and has the lag series
-// of every site.
+// of every site; the primary's agent counts the bytes it published, fewer
+// sent than encoded for rows that compress.
 func TestMetrics(t *testing.T) {
 	c := newCluster(t, clusterOpts{schema: padSchema, tables: []string{"items"}})
-	execOn(t, c, c.Config.Primary, `INSERT INTO items VALUES (1, 'a')`)
+	execOn(t, c, c.Config.Primary, `INSERT INTO items SELECT g, repeat('compressible ', 20) FROM generate_series(1, 2000) g`)
 	converge(t, c, time.Minute)
+	published := 0
 	for _, node := range c.Nodes() {
 		eventually(t, 30*time.Second, "metrics of "+node, func() error {
 			resp, err := http.Get("http://" + c.HTTPAddr(node) + "/metrics")
@@ -379,7 +381,24 @@ func TestMetrics(t *testing.T) {
 					return fmt.Errorf("no %s", name)
 				}
 			}
+			sizes := map[string]float64{}
+			for _, m := range families["xdcr_published_bytes_total"].GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "form" {
+						sizes[l.GetValue()] = m.GetCounter().GetValue()
+					}
+				}
+			}
+			if enc, sent := sizes["encoded"], sizes["sent"]; enc > 0 {
+				if sent <= 0 || sent > enc/2 {
+					return fmt.Errorf("xdcr_published_bytes_total: encoded %.0f, sent %.0f; want under half sent", enc, sent)
+				}
+				published++
+			}
 			return nil
 		})
+	}
+	if published != 1 {
+		t.Errorf("%d agents counted published bytes, want 1 (the primary's)", published)
 	}
 }
