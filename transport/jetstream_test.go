@@ -148,6 +148,12 @@ func TestStreamsPublishSubscribe(t *testing.T) {
 // did not expect (here a foreign message), its publishes are refused until
 // Resume, which skips the foreign message and finds the last batch.
 func TestPublisherRefusesGaps(t *testing.T) {
+	for _, c := range []Compression{CompressNone, CompressZstd} {
+		t.Run(string(c), func(t *testing.T) { testPublisherRefusesGaps(t, c) })
+	}
+}
+
+func testPublisherRefusesGaps(t *testing.T, c Compression) {
 	sites, js := natsSites(t, 2)
 	ctx := t.Context()
 	for i, site := range sites.Names() {
@@ -156,6 +162,9 @@ func TestPublisherRefusesGaps(t *testing.T) {
 		}
 	}
 	pub := NewPublisher(js[0], "shop", "dc-a")
+	if err := pub.Compress(c); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := pub.Resume(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
