@@ -114,7 +114,7 @@ func (dc *decompressor) plain(data []byte) ([]byte, *DecodeError) {
 	out[len(magic)+1] &^= flagCompressed
 	out, err := dc.z.DecodeAll(data[headerLen+k:end], out)
 	if err != nil {
-		return nil, &DecodeError{Offset: headerLen + k, Reason: "compressed body: " + err.Error()}
+		return nil, &DecodeError{Offset: headerLen + k, Reason: "compressed body does not decompress (zstd: " + err.Error() + ")"}
 	}
 	if got := len(out) - headerLen; got != int(n) {
 		return nil, &DecodeError{Offset: headerLen + k,

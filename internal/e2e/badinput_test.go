@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"slices"
 	"testing"
 	"time"
@@ -46,7 +48,8 @@ const padSchema = `CREATE TABLE public.items (id int PRIMARY KEY, v text);`
 
 // TestMalformedMessagePausesApply publishes poison into the change stream,
 // as a foreign publisher or a damaged store would: junk, a truncated
-// message, and a message of an unknown wire-format version. Each pauses
+// message, a message of an unknown wire-format version, and a compressed
+// message whose body does not decompress. Each pauses
 // apply naming the stream sequence and what is wrong, loses nothing, and
 // apply continues once the operator removes it.
 func TestMalformedMessagePausesApply(t *testing.T) {
@@ -61,6 +64,13 @@ func TestMalformedMessagePausesApply(t *testing.T) {
 	truncated := good[:len(good)/2]
 	version := slices.Clone(good)
 	version[4] = 2 // the version byte follows the 4-byte magic
+	// flagged compressed (flags, byte 5, bit 0), with a sound checksum but
+	// a body that is no zstd frame (docs/wire-format.md)
+	damaged := slices.Clone(good[:7])
+	damaged[5] = 1
+	damaged = binary.AppendUvarint(damaged, 100)
+	damaged = append(damaged, "not a zstd frame"...)
+	damaged = binary.LittleEndian.AppendUint32(damaged, crc32.Checksum(damaged, crc32.MakeTable(crc32.Castagnoli)))
 	rows := 10
 	for _, tc := range []struct {
 		name  string
@@ -70,6 +80,7 @@ func TestMalformedMessagePausesApply(t *testing.T) {
 		{"junk", []byte("not an xdcr message"), []string{"malformed", "nats stream rmm"}},
 		{"truncated", truncated, []string{"malformed", "nats stream rmm"}},
 		{"unknown version", version, []string{"unsupported wire format version", "upgrade this site's agent"}},
+		{"damaged compressed body", damaged, []string{"malformed", "compressed body", "nats stream rmm"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			js := jetStream(t, c, c.Config.Primary)
