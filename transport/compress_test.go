@@ -155,7 +155,12 @@ func TestDecodeMalformedCompressed(t *testing.T) {
 		{"declares less", compressedMsg(t, plain, uint64(len(body))-1, frame), "compressed body"},
 		{"declares too much", compressedMsg(t, plain, maxPlainBody+1, frame), "the format allows 67108864"},
 		{"no length", compressedMsg(t, plain, 0, nil)[:headerLen], "truncated header"},
-		{"overlong length", compressedMsg(t, plain, 0, nil)[:headerLen+1], "truncated"},
+		{"truncated message", compressedMsg(t, plain, 0, nil)[:headerLen+1], "truncated header"},
+		{"overlong length", func() []byte {
+			m := append(slices.Clone(plain[:headerLen]), bytes.Repeat([]byte{0x80}, 11)...)
+			m[len(magic)+1] = flagCompressed
+			return binary.LittleEndian.AppendUint32(m, crc32.Checksum(m, castagnoli))
+		}(), "overlong varint (plain body length)"},
 		{"truncated frame", compressedMsg(t, plain, uint64(len(body)), frame[:len(frame)/2]), "compressed body"},
 		{"not zstd", compressedMsg(t, plain, uint64(len(body)), body), "compressed body"},
 		{"bad plain body", compressedMsg(t, plain, uint64(len(bad)), enc.EncodeAll(bad, nil)), "decompressed body, byte " + strconv.Itoa(headerLen+len(body)) + ": 1 bytes of trailing garbage"},
