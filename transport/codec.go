@@ -538,9 +538,10 @@ type Decoder struct {
 //
 // Every error wraps [ErrMalformed] and is a [*DecodeError]; one in the
 // plain body of a compressed message points at the compressed body and
-// names the offset in the plain body in its reason. A message of a version or with a flag this build does not read
-// gives one wrapping [ErrUnsupportedVersion]. Decode never panics and
-// bounds every count it reads by the bytes that remain.
+// names the offset in the plain body in its reason. A message of a
+// version or with a flag this build does not read gives one wrapping
+// [ErrUnsupportedVersion]. Decode never panics and bounds every count it
+// reads by the bytes that remain.
 func (dd *Decoder) Decode(data []byte) (*change.Batch, error) {
 	if len(data) < len(magic) || string(data[:len(magic)]) != magic {
 		return nil, &DecodeError{Offset: 0, Reason: "not an xdcr message (bad magic)"}

@@ -37,8 +37,8 @@ const (
 	maxPlainBody = 64 << 20
 )
 
-// compressor compresses encoded messages; its zero value (and nil) leaves
-// them plain. Safe for concurrent use.
+// compressor compresses encoded messages; a nil *compressor leaves them
+// plain. Safe for concurrent use.
 type compressor struct {
 	z *zstd.Encoder
 }

@@ -123,11 +123,11 @@ func TestCompressKeepsPlain(t *testing.T) {
 	}
 }
 
-// compressedMsg builds a compressed message by hand: header with the flag,
-// the declared plain length, frame, CRC.
-func compressedMsg(t *testing.T, header []byte, declared uint64, frame []byte) []byte {
+// compressedMsg builds a compressed message by hand: the header of plain
+// with the flag set, the declared plain length, frame, CRC.
+func compressedMsg(t *testing.T, plain []byte, declared uint64, frame []byte) []byte {
 	t.Helper()
-	m := slices.Clone(header[:headerLen])
+	m := slices.Clone(plain[:headerLen])
 	m[len(magic)+1] = flagCompressed
 	m = binary.AppendUvarint(m, declared)
 	m = append(m, frame...)
@@ -143,6 +143,7 @@ func TestDecodeMalformedCompressed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer enc.Close()
 	frame := enc.EncodeAll(body, nil)
 	bad := append(slices.Clone(body), 0) // a byte after the last change
 	tests := []struct {
