@@ -122,6 +122,13 @@ func (e *env) catchupXDCR(ctx context.Context, m marker, h *hold, profile string
 	}
 	e.progress("  xdcr: the last transaction was in %s's stream after %s, in %s's mirror after %s, applied after %.2fs",
 		e.srcSite, at[0], e.sites.List[1].Name, at[1], seen.Sub(t0).Seconds())
+	// the capture agent was restarted for this drain (armCapture): its counters are the drain's
+	if enc, sent, err := e.publishedBytes(ctx); err != nil {
+		e.log.Warn("read the capture agent's published bytes", "err", err)
+	} else if enc > 0 {
+		e.progress("  xdcr: published %s encoded, %s sent (%.0f%%)",
+			humanize.IBytes(uint64(enc)), humanize.IBytes(uint64(sent)), 100*sent/enc)
+	}
 	run := xdcrRun{d: seen.Sub(t0), rss: map[string]int64{}}
 	for _, n := range []string{e.primary, e.replica} {
 		if v, err := peakRSS(e.c.AgentPID(n)); err == nil {
