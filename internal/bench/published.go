@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -13,6 +14,8 @@ import (
 // xdcr_published_bytes_total since it started: the messages' bytes as
 // encoded and as sent (compressed by capture.compression).
 func (e *env) publishedBytes(ctx context.Context) (encoded, sent float64, err error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+e.c.HTTPAddr(e.primary)+"/metrics", nil)
 	if err != nil {
 		return 0, 0, err
