@@ -237,9 +237,7 @@ func (c *Capture) session(ctx context.Context) error {
 		published: published,
 		seenEnd:   slot.confirmed,
 	}
-	if last != nil && len(last.Txns) > 0 && publishedUpTo(last, c.cfg.Site, c.cfg.Epoch) == last.LastLSN() {
-		s.acked = last.Txns[len(last.Txns)-1]
-	}
+	s.acked = lastStored(last, published)
 	if c.cfg.CatchUpRound > 0 {
 		if err := s.catchUp(ctx); err != nil {
 			return err
@@ -425,6 +423,24 @@ func setCaptureEpoch(ctx context.Context, conn *pgx.Conn, cluster string, epoch 
 		return fmt.Errorf("record the capture's epoch: %w", err)
 	}
 	return nil
+}
+
+// lastStored is the header of the last whole transaction the stream holds
+// (published is publishedUpTo(last, …)), which a new session reports as
+// the source's last commit until it publishes more. When the stream ends
+// in a heartbeat or in a transaction cut short, only its LSN is known (the
+// commit time stays zero). Left empty after such an end, the report kept
+// the last commit of the session before, which a session that lost its
+// lease may never have reported: a stopped replica then showed 0 s of lag
+// until the next write on the primary.
+func lastStored(last *change.Batch, published change.LSN) change.Txn {
+	if published == 0 {
+		return change.Txn{}
+	}
+	if last.Heartbeat == nil && (last.Chunk == nil || last.Chunk.Final) && last.LastLSN() == published {
+		return header(&last.Txns[len(last.Txns)-1])
+	}
+	return change.Txn{LSN: published}
 }
 
 // publishedUpTo is the commit LSN of the last whole transaction the stream
