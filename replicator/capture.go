@@ -437,7 +437,7 @@ func lastStored(last *change.Batch, published change.LSN) change.Txn {
 	if published == 0 {
 		return change.Txn{}
 	}
-	if last.Heartbeat == nil && (last.Chunk == nil || last.Chunk.Final) && last.LastLSN() == published {
+	if last.Heartbeat == nil && (last.Chunk == nil || last.Chunk.Final) {
 		return header(&last.Txns[len(last.Txns)-1])
 	}
 	return change.Txn{LSN: published}

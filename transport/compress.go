@@ -95,13 +95,9 @@ type decompressor struct {
 // body, without a trailer.
 func (dc *decompressor) plain(data []byte) ([]byte, *DecodeError) {
 	end := len(data) - trailerLen
-	n, k := binary.Uvarint(data[headerLen:end])
-	if k <= 0 {
-		return nil, &DecodeError{Offset: headerLen, Reason: "truncated or overlong varint (plain body length)"}
-	}
-	if n > maxPlainBody {
-		return nil, &DecodeError{Offset: headerLen,
-			Reason: fmt.Sprintf("compressed body declares %d plain bytes, the format allows %d", n, maxPlainBody)}
+	n, k, derr := declaredPlain(data)
+	if derr != nil {
+		return nil, derr
 	}
 	dc.once.Do(func() {
 		dc.z, dc.err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(maxPlainBody))
@@ -109,14 +105,14 @@ func (dc *decompressor) plain(data []byte) ([]byte, *DecodeError) {
 	if dc.err != nil {
 		return nil, &DecodeError{Offset: headerLen, Reason: "zstd decoder: " + dc.err.Error()}
 	}
-	out := make([]byte, headerLen, headerLen+int(n))
+	out := make([]byte, headerLen, headerLen+n)
 	copy(out, data[:headerLen])
 	out[len(magic)+1] &^= flagCompressed
 	out, err := dc.z.DecodeAll(data[headerLen+k:end], out)
 	if err != nil {
 		return nil, &DecodeError{Offset: headerLen + k, Reason: "compressed body does not decompress (zstd: " + err.Error() + ")"}
 	}
-	if got := len(out) - headerLen; got != int(n) {
+	if got := len(out) - headerLen; got != n {
 		return nil, &DecodeError{Offset: headerLen + k,
 			Reason: fmt.Sprintf("compressed body holds %d plain bytes, its length says %d", got, n)}
 	}
@@ -131,9 +127,23 @@ func plainLen(data []byte) int {
 	if len(data) < headerLen+trailerLen || data[len(magic)+1] != flagCompressed {
 		return len(data)
 	}
-	n, k := binary.Uvarint(data[headerLen : len(data)-trailerLen])
-	if k <= 0 || n > maxPlainBody {
+	n, _, derr := declaredPlain(data)
+	if derr != nil {
 		return len(data)
 	}
-	return headerLen + int(n)
+	return headerLen + n
+}
+
+// declaredPlain reads the plain body length a compressed message declares
+// and the bytes that length took, refusing one above maxPlainBody.
+func declaredPlain(data []byte) (n, k int, derr *DecodeError) {
+	v, k := binary.Uvarint(data[headerLen : len(data)-trailerLen])
+	if k <= 0 {
+		return 0, 0, &DecodeError{Offset: headerLen, Reason: "truncated or overlong varint (plain body length)"}
+	}
+	if v > maxPlainBody {
+		return 0, 0, &DecodeError{Offset: headerLen,
+			Reason: fmt.Sprintf("compressed body declares %d plain bytes, the format allows %d", v, maxPlainBody)}
+	}
+	return int(v), k, nil
 }

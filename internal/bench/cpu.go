@@ -42,14 +42,10 @@ func (e *env) watchedPIDs() map[int]string {
 			out[pid] = "agent " + n
 		}
 	}
-	for _, s := range e.sites.List {
-		pm := s.Postgres.PID()
-		if pm == 0 {
-			continue
-		}
-		out[pm] = s.Name + " postmaster"
+	for pm, site := range e.postmasters() {
+		out[pm] = site + " postmaster"
 		for _, c := range children(pm) {
-			out[c] = s.Name + " " + processTitle(c)
+			out[c] = site + " " + processTitle(c)
 		}
 	}
 	return out
