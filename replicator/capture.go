@@ -63,11 +63,10 @@ type CaptureConfig struct {
 	// one read then takes in many changes instead of one. Negative turns
 	// it off; it never applies once caught up.
 	ReadGulp time.Duration
-	// CatchUpRound is how many pgoutput messages the first round of
-	// catch-up through SQL decodes (see captureSession.catchUp and
-	// nextRound); negative means the backlog is always read through the
-	// replication protocol.
-	CatchUpRound int
+	// CatchUpRange is how much WAL the first range of catch-up through
+	// SQL covers (see captureSession.catchUp); negative means the backlog
+	// is always read through the replication protocol.
+	CatchUpRange int64
 	// Sequences are the previous primary's sequence values, which the
 	// first start of a new epoch advances this site's sequences past.
 	Sequences map[string]int64
@@ -93,8 +92,8 @@ func (c *CaptureConfig) withDefaults() CaptureConfig {
 	if out.ReadGulp == 0 {
 		out.ReadGulp = defaultReadGulp
 	}
-	if out.CatchUpRound == 0 {
-		out.CatchUpRound = defaultCatchUpRound
+	if out.CatchUpRange == 0 {
+		out.CatchUpRange = defaultCatchUpRange
 	}
 	return out
 }
@@ -238,7 +237,7 @@ func (c *Capture) session(ctx context.Context) error {
 		seenEnd:   slot.confirmed,
 	}
 	s.acked = lastStored(last, published)
-	if c.cfg.CatchUpRound > 0 {
+	if c.cfg.CatchUpRange > 0 {
 		if err := s.catchUp(ctx); err != nil {
 			return err
 		}

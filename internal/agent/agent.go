@@ -361,7 +361,7 @@ func (a *Agent) pipelineFor(ctx context.Context, js jetstream.JetStream, role Ro
 			FlushInterval:  a.cfg.Capture.FlushInterval,
 			StatusInterval: a.cfg.Capture.StatusInterval,
 			MaxInFlight:    a.cfg.Capture.MaxInFlight,
-			CatchUpRound:   a.cfg.Capture.CatchUpRound,
+			CatchUpRange:   a.cfg.Capture.CatchUpRange,
 			Sequences:      seqs,
 		}, pub, a.lease, a.log, obs)
 		a.setCapture(c)

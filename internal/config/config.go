@@ -27,6 +27,10 @@ const Unlimited time.Duration = -1
 // off. It is written 0 (or "off") in the file.
 const NoWALLimit int64 = -1
 
+// NoCatchUp as [Capture].CatchUpRange reads every backlog through the
+// replication protocol. It is written "off" (or -1) in the file.
+const NoCatchUp int64 = -1
+
 // Config is the cluster description every agent shares. [Parse] and [Load]
 // return it normalized (table names as "schema.table"), with defaults
 // applied and validated. A Config built in code may leave the tuning blocks
@@ -217,13 +221,12 @@ type Capture struct {
 	// /v1/status). The agent never drops the slot itself. Default 10GiB;
 	// [NoWALLimit] (0 in the file) turns the warning off.
 	MaxRetainedWAL int64
-	// CatchUpRound is how many pgoutput messages one round of catch-up
-	// through SQL decodes, when a capture starts more than 16MiB of WAL
-	// behind; a round after one that left the slot's restart_lsn in place
-	// may take twice as many, up to 4 times this. Default 500000;
-	// 100..10000000, or -1 to read every backlog through the replication
-	// protocol.
-	CatchUpRound int
+	// CatchUpRange is how much WAL the first range of catch-up through
+	// SQL covers, when a capture starts more than 16MiB of WAL behind;
+	// each later range twice as much as the one before, up to 4 times
+	// this. Default 96MiB; 1MiB..4GiB, or [NoCatchUp] ("off" in the file)
+	// to read every backlog through the replication protocol.
+	CatchUpRange int64
 	// Compression is how published messages are compressed: "zstd" (the
 	// default) compresses a message's body when that saves at least an
 	// eighth of it, "none" never does. Apply agents read both.
@@ -276,7 +279,7 @@ func DefaultCapture() Capture {
 		MaxInFlight:    256,
 		StatusInterval: time.Second,
 		MaxRetainedWAL: 10 << 30,
-		CatchUpRound:   500_000,
+		CatchUpRange:   96 << 20,
 		Compression:    "zstd",
 	}
 }
@@ -314,8 +317,8 @@ func (c Capture) withDefaults() Capture {
 	if c.MaxRetainedWAL == 0 {
 		c.MaxRetainedWAL = d.MaxRetainedWAL
 	}
-	if c.CatchUpRound == 0 {
-		c.CatchUpRound = d.CatchUpRound
+	if c.CatchUpRange == 0 {
+		c.CatchUpRange = d.CatchUpRange
 	}
 	if c.Compression == "" {
 		c.Compression = d.Compression

@@ -89,7 +89,7 @@ func TestParseDesignExampleNeedsPassword(t *testing.T) {
 
 func TestDefaults(t *testing.T) {
 	c := mustParse(t, readFile(t, "testdata/design.yaml"))
-	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second, MaxRetainedWAL: 10 << 30, CatchUpRound: 500_000, Compression: "zstd"}); got != want {
+	if got, want := c.Capture, (Capture{MaxBatchBytes: 1 << 20, FlushInterval: 5 * time.Millisecond, MaxInFlight: 256, StatusInterval: time.Second, MaxRetainedWAL: 10 << 30, CatchUpRange: 96 << 20, Compression: "zstd"}); got != want {
 		t.Errorf("capture: got %+v, want %+v", got, want)
 	}
 	if got, want := c.Apply, (Apply{MaxBatchTxns: 1000, MaxBatchBytes: 8 << 20}); got != want {
@@ -134,7 +134,7 @@ func TestParseAllKeys(t *testing.T) {
 	if _, ok := c.Cache["public.payments"]; !ok {
 		t.Errorf("cache key payments not normalized: %q", c.Cache)
 	}
-	want := Capture{MaxBatchBytes: 512 << 10, FlushInterval: 2 * time.Millisecond, MaxInFlight: 1024, StatusInterval: 10 * time.Second, MaxRetainedWAL: 50 << 30, CatchUpRound: 2000, Compression: "none"}
+	want := Capture{MaxBatchBytes: 512 << 10, FlushInterval: 2 * time.Millisecond, MaxInFlight: 1024, StatusInterval: 10 * time.Second, MaxRetainedWAL: 50 << 30, CatchUpRange: 2 << 20, Compression: "none"}
 	if c.Capture != want {
 		t.Errorf("capture: got %+v, want %+v", c.Capture, want)
 	}
@@ -469,7 +469,6 @@ func TestTLSAndNATSAuth(t *testing.T) {
 // TestMaxRetainedWAL: the retained-WAL warning threshold defaults to
 // 10GiB, 0 and "off" turn it off, and both survive a Marshal round trip.
 func TestMaxRetainedWAL(t *testing.T) {
-	base := string(readFile(t, "testdata/design.yaml"))
 	for _, tc := range []struct {
 		yaml string
 		want int64
@@ -479,20 +478,47 @@ func TestMaxRetainedWAL(t *testing.T) {
 		{"capture: {max_retained_wal: 0}\n", NoWALLimit},
 		{"capture: {max_retained_wal: off}\n", NoWALLimit},
 	} {
-		c := mustParse(t, []byte(base+tc.yaml))
-		if c.Capture.MaxRetainedWAL != tc.want {
-			t.Errorf("%q: MaxRetainedWAL %d, want %d", tc.yaml, c.Capture.MaxRetainedWAL, tc.want)
-		}
-		out, err := c.Marshal()
-		if err != nil {
-			t.Fatal(err)
-		}
-		again, err := Parse(out, nil)
-		if err != nil {
-			t.Fatalf("Parse(Marshal): %v\n%s", err, out)
-		}
-		if again.Capture.MaxRetainedWAL != tc.want {
-			t.Errorf("%q: after a round trip %d, want %d\n%s", tc.yaml, again.Capture.MaxRetainedWAL, tc.want, out)
+		for _, c := range parseRoundTrip(t, tc.yaml) {
+			if c.Capture.MaxRetainedWAL != tc.want {
+				t.Errorf("%q: MaxRetainedWAL %d, want %d", tc.yaml, c.Capture.MaxRetainedWAL, tc.want)
+			}
 		}
 	}
+}
+
+// TestCatchUpRange: the first catch-up range defaults to 96MiB, "off"
+// and -1 read every backlog through the replication protocol, and both
+// survive a Marshal round trip.
+func TestCatchUpRange(t *testing.T) {
+	for _, tc := range []struct {
+		yaml string
+		want int64
+	}{
+		{"", 96 << 20},
+		{"capture: {catch_up_range: 4MiB}\n", 4 << 20},
+		{"capture: {catch_up_range: off}\n", NoCatchUp},
+		{"capture: {catch_up_range: -1}\n", NoCatchUp},
+	} {
+		for _, c := range parseRoundTrip(t, tc.yaml) {
+			if c.Capture.CatchUpRange != tc.want {
+				t.Errorf("%q: CatchUpRange %d, want %d", tc.yaml, c.Capture.CatchUpRange, tc.want)
+			}
+		}
+	}
+}
+
+// parseRoundTrip parses testdata/design.yaml with extra appended, and
+// parses again what Marshal writes of it; it returns both.
+func parseRoundTrip(t *testing.T, extra string) [2]*Config {
+	t.Helper()
+	c := mustParse(t, append(readFile(t, "testdata/design.yaml"), extra...))
+	out, err := c.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := Parse(out, nil)
+	if err != nil {
+		t.Fatalf("Parse(Marshal): %v\n%s", err, out)
+	}
+	return [2]*Config{c, again}
 }

@@ -16,7 +16,7 @@ var (
 	tlsKeys          = []string{"ca_file", "cert_file", "key_file"}
 	nodeKeys         = []string{"site", "raft", "http"}
 	cacheTableKeys   = []string{"keys", "warm"}
-	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval", "max_retained_wal", "catch_up_round", "compression"}
+	captureKeys      = []string{"max_batch_bytes", "flush_interval", "max_in_flight", "status_interval", "max_retained_wal", "catch_up_range", "compression"}
 	applyKeys        = []string{"max_batch_txns", "max_batch_bytes", "synchronous_commit"}
 	streamKeys       = []string{"max_age", "max_bytes", "duplicate_window"}
 	invalidationKeys = []string{"max_outbox_rows"}
@@ -140,7 +140,7 @@ func (d *decoder) config(doc *yaml.Node) *Config {
 		c.Capture.MaxInFlight = d.integer(g["max_in_flight"], "capture.max_in_flight")
 		c.Capture.StatusInterval = d.duration(g["status_interval"], "capture.status_interval")
 		c.Capture.MaxRetainedWAL = d.walLimit(g["max_retained_wal"], "capture.max_retained_wal")
-		c.Capture.CatchUpRound = d.integer(g["catch_up_round"], "capture.catch_up_round")
+		c.Capture.CatchUpRange = d.catchUpRange(g["catch_up_range"], "capture.catch_up_range")
 		c.Capture.Compression = d.str(g["compression"], "capture.compression")
 	}
 	if n := f["apply"]; n != nil {
@@ -244,7 +244,9 @@ func (d *decoder) fields(n *yaml.Node, path string, known []string) map[string]*
 		}
 		p := joinPath(path, e.key)
 		fix := fmt.Sprintf("remove it; the keys allowed in %s are %s", where, oneOf(known))
-		if e.key == "<<" {
+		if r, ok := renamedKeys[p]; ok {
+			fix = r
+		} else if e.key == "<<" {
 			fix = "YAML merge keys are not supported; write the keys out"
 		} else if s := suggest(e.key, known); s != "" {
 			fix = fmt.Sprintf("did you mean %q?", s)
@@ -257,6 +259,12 @@ func (d *decoder) fields(n *yaml.Node, path string, known []string) map[string]*
 		d.fail(p, e.line, "unknown key", fix)
 	}
 	return out
+}
+
+// renamedKeys are keys of earlier versions, with what replaced them.
+var renamedKeys = map[string]string{
+	"capture.catch_up_round": "catch-up through SQL is now sized in WAL, not messages: replace it by capture.catch_up_range, " +
+		"e.g. 96MiB (the default), or off to always stream",
 }
 
 func contains(list []string, s string) bool {
@@ -419,6 +427,18 @@ func (d *decoder) walLimit(n *yaml.Node, path string) int64 {
 	if v == 0 {
 		return NoWALLimit
 	}
+	return v
+}
+
+func (d *decoder) catchUpRange(n *yaml.Node, path string) int64 {
+	s, ok := d.scalar(n, path)
+	if !ok || s == "" {
+		return 0
+	}
+	if strings.EqualFold(s, "off") || s == "-1" {
+		return NoCatchUp
+	}
+	v, _ := d.sizeOf(n, path, s)
 	return v
 }
 

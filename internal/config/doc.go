@@ -74,7 +74,8 @@
 // ever": write "unlimited" (or -1) for that, stored as [Unlimited].
 // stream.max_bytes is unlimited by default; "unlimited" and -1 mean the same.
 // capture.max_retained_wal is a warning threshold: 0 (or "off") turns the
-// warning off, stored as [NoWALLimit].
+// warning off, stored as [NoWALLimit]. capture.catch_up_range "off" (or -1)
+// is stored as [NoCatchUp].
 //
 //	key                         default  allowed
 //	capture.max_batch_bytes     1MiB     4KiB .. 8MiB (also fits NATS max_payload)
@@ -82,7 +83,7 @@
 //	capture.max_in_flight       256      1 .. 65536
 //	capture.status_interval     1s       (0, 60s)
 //	capture.max_retained_wal    10GiB    > 0, or 0 (off)
-//	capture.catch_up_round      500000   100 .. 10000000, or -1 (always stream)
+//	capture.catch_up_range      96MiB    1MiB .. 4GiB, or off (always stream)
 //	capture.compression         zstd     zstd, none
 //	apply.max_batch_txns        1000     >= 1
 //	apply.max_batch_bytes       8MiB     4KiB .. 1GiB

@@ -93,7 +93,11 @@ func (c *Config) Marshal() ([]byte, error) {
 	addStr(capture, "flush_interval", formatDuration(cp.FlushInterval))
 	add(capture, "max_in_flight", intNode(int64(cp.MaxInFlight)))
 	addStr(capture, "status_interval", formatDuration(cp.StatusInterval))
-	add(capture, "catch_up_round", intNode(int64(cp.CatchUpRound)))
+	if cp.CatchUpRange == NoCatchUp {
+		addStr(capture, "catch_up_range", "off")
+	} else {
+		add(capture, "catch_up_range", sizeNode(cp.CatchUpRange))
+	}
 	addStr(capture, "compression", cp.Compression)
 	if cp.MaxRetainedWAL == NoWALLimit {
 		add(capture, "max_retained_wal", intNode(0))

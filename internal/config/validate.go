@@ -666,9 +666,9 @@ func (v *validator) tuning() {
 		v.add("capture.max_in_flight", v.show("capture.max_in_flight", strconv.Itoa(n))+" is outside 1..65536",
 			"use a number between 1 and 65536, e.g. 256")
 	}
-	if n := c.CatchUpRound; n != -1 && (n < 100 || n > 10_000_000) {
-		v.add("capture.catch_up_round", v.show("capture.catch_up_round", strconv.Itoa(n))+" is outside 100..10000000",
-			"use a number of messages between 100 and 10000000, e.g. 500000, or -1 to read every backlog through the replication protocol")
+	if n := c.CatchUpRange; n != NoCatchUp && (n < 1<<20 || n > 4<<30) {
+		v.add("capture.catch_up_range", v.show("capture.catch_up_range", formatSize(n))+" is outside 1MiB..4GiB",
+			"use a size of WAL between 1MiB and 4GiB, e.g. 96MiB, or off to read every backlog through the replication protocol")
 	}
 	if s := c.Compression; s != "zstd" && s != "none" {
 		v.add("capture.compression", v.show("capture.compression", s)+` is neither "zstd" nor "none"`,

@@ -160,14 +160,15 @@ func TestGracefulStop(t *testing.T) {
 // TestCaptureCatchUpThroughSQL stops the primary's agent, lets more than
 // 16 MiB of changes pile up in its slot, and starts it again while writers
 // keep going: the backlog is read through pg_logical_slot_peek_binary_changes
-// in rounds (small ones here, so that there are many), and the agent is
+// in ranges of WAL (small ones here, so that there are many, and their
+// ends cut through transactions), two at a time, and the agent is
 // killed in the middle of them and started again. Every row arrives once.
 func TestCaptureCatchUpThroughSQL(t *testing.T) {
 	c := newCluster(t, clusterOpts{
 		schema: eventsSchema + `
 CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);`,
 		tables: []string{"events", "counters", "bulk"},
-		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRound = 2000 },
+		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRange = 1 << 20 },
 	})
 	ctx := t.Context()
 	victim := stopCapture(t, c)
@@ -206,17 +207,37 @@ CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);`,
 			t.Logf("catch-up began %v bytes behind", e["behind_bytes"])
 		case "capture caught up through SQL":
 			finished++
-			t.Logf("catch-up ended after %v rounds, %v messages, %v", e["rounds"], e["messages"], e["duration"])
+			t.Logf("catch-up ended after %v ranges, %v messages, %v", e["ranges"], e["messages"], e["duration"])
+			if n, _ := e["ranges"].(float64); n < 3 {
+				t.Errorf("catch-up took %v ranges of WAL, want several (1MiB, 2MiB, 4MiB, …)", e["ranges"])
+			}
 		}
 	}
 	if finished == 0 {
 		t.Errorf("the capture never finished a catch-up through SQL (see its log)")
 	}
+	// the temporary copies of the slot go with the peek connections, the
+	// killed agent's too
+	deadline := time.Now().Add(time.Minute)
+	for {
+		n, err := queryInt(t, c, c.Config.Primary, `SELECT count(*) FROM pg_replication_slots WHERE temporary`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%d temporary replication slots are left on the primary after catch-up", n)
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // TestCatchUpPassesOpenTransaction: a transaction that began before a
 // backlog and is still open when the capture catches up through SQL. The
-// rounds end at the WAL flush position and the slot advances there, past
+// ranges end at the WAL flush position and the slot advances there, past
 // the transaction's first changes; it commits afterwards and must still
 // arrive whole, once.
 func TestCatchUpPassesOpenTransaction(t *testing.T) {
@@ -224,7 +245,7 @@ func TestCatchUpPassesOpenTransaction(t *testing.T) {
 		schema: `CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);
 CREATE TABLE public.straddle (id int PRIMARY KEY, v text NOT NULL);`,
 		tables: []string{"bulk", "straddle"},
-		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRound = 2000 },
+		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRange = 1 << 20 },
 	})
 	ctx := t.Context()
 	capture := stopCapture(t, c)
@@ -254,12 +275,88 @@ CREATE TABLE public.straddle (id int PRIMARY KEY, v text NOT NULL);`,
 	}
 	complete := false
 	for _, e := range readLog(c.LogPath(capture)) {
-		if e["msg"] == "catch-up round" && e["complete"] == true {
+		if e["msg"] == "catch-up range" && e["last"] == true {
 			complete = true
 		}
 	}
 	if !complete {
-		t.Error("no catch-up round came back complete: the slot never advanced to a flush position (see the capture's log)")
+		t.Error("no catch-up range ended at the flush position: the slot never advanced to one (see the capture's log)")
+	}
+}
+
+// TestCatchUpWithoutFreeSlots: catch-up through SQL decodes the next
+// range on a second connection, each with a temporary copy of the slot.
+// With one replication slot free on the primary it decodes on one
+// connection, and with none it streams the backlog; it says so, and every
+// row arrives once either way.
+func TestCatchUpWithoutFreeSlots(t *testing.T) {
+	c := newCluster(t, clusterOpts{
+		schema: `CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);`,
+		tables: []string{"bulk"},
+		tune:   func(cfg *config.Config) { cfg.Capture.CatchUpRange = 4 << 20 },
+	})
+	ctx := t.Context()
+	primary := c.Config.Primary
+	// fill the primary's slots but free of them: physical slots that hold no WAL
+	fill := func(free int64, name string) {
+		t.Helper()
+		used, err := queryInt(t, c, primary, `SELECT current_setting('max_replication_slots')::int - count(*) - $1 FROM pg_replication_slots`, free)
+		if err != nil {
+			t.Fatal(err)
+		}
+		execOn(t, c, primary, `SELECT pg_create_physical_replication_slot(format('xdcr_test_fill_%s_%s', $2::text, g)) FROM generate_series(1, $1::int) g`, used, name)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, c.DSN(primary))
+		if err == nil {
+			defer conn.Close(ctx)
+			_, err = conn.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'xdcr\_test\_fill\_%'`)
+		}
+		if err != nil {
+			t.Errorf("drop the slots that filled %s: %v", primary, err)
+		}
+	})
+	capture := stopCapture(t, c)
+	fill(1, "one")
+	writeBulkBacklog(t, c)
+	if err := c.StartAgent(ctx, capture); err != nil {
+		t.Fatal(err)
+	}
+	e := waitLog(t, c, capture, "catch-up through SQL has fewer connections than it could use", time.Minute, "no free replication slot", "max_replication_slots")
+	if e["peekers"] != 1.0 {
+		t.Errorf("catch-up with one free slot used %v connections, want 1", e["peekers"])
+	}
+	done := waitLog(t, c, capture, "capture caught up through SQL", time.Minute)
+	t.Logf("one connection: %v ranges, %v messages, %v", done["ranges"], done["messages"], done["duration"])
+	converge(t, c, 3*time.Minute)
+	for _, site := range replicas(c) {
+		assertCount(t, c, site, "bulk", 60_000)
+	}
+
+	// no slot free: the backlog streams
+	if err := c.StopAgent(capture, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	fill(0, "none")
+	execOn(t, c, primary, `UPDATE bulk SET payload = payload || 'x'`)
+	if err := c.StartAgent(ctx, capture); err != nil {
+		t.Fatal(err)
+	}
+	waitLogCount(t, c, capture, "catch-up through SQL has fewer connections than it could use", 2, time.Minute)
+	converge(t, c, 3*time.Minute)
+	for _, site := range c.Config.SiteNames() {
+		n, err := queryInt(t, c, site, `SELECT count(*) FROM bulk WHERE payload LIKE '%x'`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n != 60_000 {
+			t.Errorf("site %s: %d of 60,000 rows updated", site, n)
+		}
+	}
+	if n := len(findLogs(c.LogPath(capture), "capture caught up through SQL")); n != 1 {
+		t.Errorf("%d catch-ups through SQL finished, want only the first (the second had no slot to copy)", n)
 	}
 }
 

@@ -184,6 +184,29 @@ func waitLog(t *testing.T, c *topology.Cluster, node, msg string, timeout time.D
 	}
 }
 
+// waitLogCount waits until node's log has n lines whose msg is msg.
+func waitLogCount(t *testing.T, c *topology.Cluster, node, msg string, n int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for len(findLogs(c.LogPath(node), msg)) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent %s logged %q fewer than %d times within %s", node, msg, n, timeout)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// findLogs returns the lines of an agent's log whose msg is msg.
+func findLogs(path, msg string) []logEntry {
+	var out []logEntry
+	for _, e := range readLog(path) {
+		if e["msg"] == msg {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
 // readLog parses an agent's JSON log lines.
 func readLog(path string) []logEntry {
 	f, err := os.Open(path)
