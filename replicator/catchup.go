@@ -24,10 +24,13 @@ const (
 	// before its first row is sent, so its size bounds the source's temp
 	// space and how long publishing waits for it.
 	maxRangeGrowth = 4
-	// catchUpPeekers is how many ranges are in the source at once: one
-	// being read and published while the next is decoded.
-	catchUpPeekers = 2
 )
+
+// CatchUpSlots is how many ranges catch-up through SQL has in the source
+// at once, one being read and published while the next is decoded, each
+// on a connection with a temporary replication slot of its own: the
+// replication slots it needs free on the source.
+const CatchUpSlots = 2
 
 // catchUp reads a large backlog through pg_logical_slot_peek_binary_changes
 // before the session starts streaming. The walsender sends every pgoutput
@@ -86,11 +89,11 @@ func (s *captureSession) catchUp(ctx context.Context) error {
 			p.close()
 		}
 	}()
-	for range catchUpPeekers {
+	for range CatchUpSlots {
 		p, err := openPeeker(ctx, s.cfg.DSN, slot)
 		if errors.Is(err, errNoFreeSlot) {
 			// decode with the peekers there are, or stream if none
-			s.log.Warn("catch-up through SQL has fewer connections than it could use", "peekers", len(free), "want", catchUpPeekers, "err", err)
+			s.log.Warn("catch-up through SQL has fewer connections than it could use", "peekers", len(free), "want", CatchUpSlots, "err", err)
 			break
 		}
 		if err != nil {
@@ -309,7 +312,7 @@ func openPeeker(ctx context.Context, dsn, slot string) (*peeker, error) {
 		err = fmt.Errorf("copy slot %s to the temporary slot %s for catch-up: %w", slot, p.slot, err)
 		if pgErr := (*pgconn.PgError)(nil); errors.As(err, &pgErr) && pgErr.Code == "53400" {
 			// configuration_limit_exceeded: all replication slots are in use
-			err = fmt.Errorf("%w (%w): raise max_replication_slots on the primary by %d for the fastest catch-up", errNoFreeSlot, err, catchUpPeekers)
+			err = fmt.Errorf("%w (%w): raise max_replication_slots on the primary by %d for the fastest catch-up", errNoFreeSlot, err, CatchUpSlots)
 		}
 		return nil, err
 	}

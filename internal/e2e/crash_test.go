@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -320,6 +321,11 @@ func TestCatchUpWithoutFreeSlots(t *testing.T) {
 	})
 	capture := stopCapture(t, c)
 	fill(1, "one")
+	// the checklist warns of it
+	out, _ := xdcrCmd(t, time.Minute, "config", "check", "--config", c.ConfigPath, "--connect")
+	if !strings.Contains(out, "with fewer slots free on one or none") {
+		t.Errorf("config check does not warn that catch-up lacks replication slots:\n%s", out)
+	}
 	writeBulkBacklog(t, c)
 	if err := c.StartAgent(ctx, capture); err != nil {
 		t.Fatal(err)

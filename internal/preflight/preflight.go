@@ -113,8 +113,12 @@ func Postgres(ctx context.Context, cfg *config.Config, site string, tables []rep
 		used      int
 	}{{"max_replication_slots", slots, usedSlots}, {"max_wal_senders", senders, usedSenders}} {
 		n, _ := strconv.Atoi(s.val)
+		fix := fmt.Sprintf("ALTER SYSTEM SET %s = %d; then restart PostgreSQL", s.name, s.used+4)
 		if n-s.used < 1 {
-			l.add("postgres: "+s.name, status, fmt.Sprintf("%d, %d in use", n, s.used), fmt.Sprintf("ALTER SYSTEM SET %s = %d; then restart PostgreSQL", s.name, s.used+4))
+			l.add("postgres: "+s.name, status, fmt.Sprintf("%d, %d in use", n, s.used), fix)
+		} else if s.name == "max_replication_slots" && asPrimary && n-s.used < 1+replicator.CatchUpSlots {
+			l.add("postgres: "+s.name, Warn, fmt.Sprintf("%d, %d in use", n, s.used), fmt.Sprintf("catch-up after downtime decodes on %d connections, "+
+				"each with a temporary copy of the slot, and with fewer slots free on one or none (streaming, slower): %s", replicator.CatchUpSlots, fix))
 		} else {
 			l.add("postgres: "+s.name, OK, fmt.Sprintf("%d, %d in use", n, s.used), "")
 		}
