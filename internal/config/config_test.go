@@ -217,16 +217,7 @@ func TestMarshalRoundTrip(t *testing.T) {
 		"../../deploy/config/xdcr.example.yaml",
 	} {
 		t.Run(filepath.Base(path), func(t *testing.T) {
-			c := mustParse(t, readFile(t, path))
-			out, err := c.Marshal()
-			if err != nil {
-				t.Fatal(err)
-			}
-			// No environment: the marshalled file holds the values.
-			again, err := Parse(out, nil)
-			if err != nil {
-				t.Fatalf("Parse(Marshal): %v\n%s", err, out)
-			}
+			c, again, out := parseRoundTrip(t, readFile(t, path))
 			if !reflect.DeepEqual(again, c) {
 				t.Fatalf("round trip:\n got %+v\nwant %+v\n%s", again, c, out)
 			}
@@ -466,59 +457,49 @@ func TestTLSAndNATSAuth(t *testing.T) {
 	}
 }
 
-// TestMaxRetainedWAL: the retained-WAL warning threshold defaults to
-// 10GiB, 0 and "off" turn it off, and both survive a Marshal round trip.
-func TestMaxRetainedWAL(t *testing.T) {
+// TestWALSizes: the retained-WAL warning threshold defaults to 10GiB, and
+// 0 and "off" turn it off; the first catch-up range defaults to 96MiB, and
+// "off" and -1 read every backlog through the replication protocol. Every
+// value survives a Marshal round trip.
+func TestWALSizes(t *testing.T) {
+	retained := func(c *Capture) int64 { return c.MaxRetainedWAL }
+	catchUp := func(c *Capture) int64 { return c.CatchUpRange }
 	for _, tc := range []struct {
-		yaml string
-		want int64
+		yaml  string
+		field func(*Capture) int64
+		want  int64
 	}{
-		{"", 10 << 30},
-		{"capture: {max_retained_wal: 2GiB}\n", 2 << 30},
-		{"capture: {max_retained_wal: 0}\n", NoWALLimit},
-		{"capture: {max_retained_wal: off}\n", NoWALLimit},
+		{"", retained, 10 << 30},
+		{"capture: {max_retained_wal: 2GiB}\n", retained, 2 << 30},
+		{"capture: {max_retained_wal: 0}\n", retained, NoWALLimit},
+		{"capture: {max_retained_wal: off}\n", retained, NoWALLimit},
+		{"", catchUp, 96 << 20},
+		{"capture: {catch_up_range: 4MiB}\n", catchUp, 4 << 20},
+		{"capture: {catch_up_range: off}\n", catchUp, NoCatchUp},
+		{"capture: {catch_up_range: -1}\n", catchUp, NoCatchUp},
 	} {
-		for _, c := range parseRoundTrip(t, tc.yaml) {
-			if c.Capture.MaxRetainedWAL != tc.want {
-				t.Errorf("%q: MaxRetainedWAL %d, want %d", tc.yaml, c.Capture.MaxRetainedWAL, tc.want)
-			}
+		c, again, out := parseRoundTrip(t, append(readFile(t, "testdata/design.yaml"), tc.yaml...))
+		if got := tc.field(&c.Capture); got != tc.want {
+			t.Errorf("%q: got %d, want %d", tc.yaml, got, tc.want)
+		}
+		if got := tc.field(&again.Capture); got != tc.want {
+			t.Errorf("%q: after a round trip %d, want %d\n%s", tc.yaml, got, tc.want, out)
 		}
 	}
 }
 
-// TestCatchUpRange: the first catch-up range defaults to 96MiB, "off"
-// and -1 read every backlog through the replication protocol, and both
-// survive a Marshal round trip.
-func TestCatchUpRange(t *testing.T) {
-	for _, tc := range []struct {
-		yaml string
-		want int64
-	}{
-		{"", 96 << 20},
-		{"capture: {catch_up_range: 4MiB}\n", 4 << 20},
-		{"capture: {catch_up_range: off}\n", NoCatchUp},
-		{"capture: {catch_up_range: -1}\n", NoCatchUp},
-	} {
-		for _, c := range parseRoundTrip(t, tc.yaml) {
-			if c.Capture.CatchUpRange != tc.want {
-				t.Errorf("%q: CatchUpRange %d, want %d", tc.yaml, c.Capture.CatchUpRange, tc.want)
-			}
-		}
-	}
-}
-
-// parseRoundTrip parses testdata/design.yaml with extra appended, and
-// parses again what Marshal writes of it; it returns both.
-func parseRoundTrip(t *testing.T, extra string) [2]*Config {
+// parseRoundTrip parses data, and parses again what Marshal writes of it
+// (with no environment: the marshalled file holds the values); it returns
+// both and what Marshal wrote.
+func parseRoundTrip(t *testing.T, data []byte) (c, again *Config, out []byte) {
 	t.Helper()
-	c := mustParse(t, append(readFile(t, "testdata/design.yaml"), extra...))
+	c = mustParse(t, data)
 	out, err := c.Marshal()
 	if err != nil {
 		t.Fatal(err)
 	}
-	again, err := Parse(out, nil)
-	if err != nil {
+	if again, err = Parse(out, nil); err != nil {
 		t.Fatalf("Parse(Marshal): %v\n%s", err, out)
 	}
-	return [2]*Config{c, again}
+	return c, again, out
 }
