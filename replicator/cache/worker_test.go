@@ -288,7 +288,11 @@ func TestWorkerCacheOutage(t *testing.T) {
 	if v, ok := client.get("account:7"); !ok || v != "stale" {
 		t.Fatalf("the restarted redis lost the stale key (%q, %v): the test proves nothing", v, ok)
 	}
-	eventually(t, 30*time.Second, "the outbox to drain", func() bool { return f.outboxRows(t) == 0 })
+	// the worker deletes the rows, then counts the outbox for its gauge and
+	// logs the recovery: wait for the log line, the last of the three
+	eventually(t, 30*time.Second, "the outbox to drain and the recovery to be logged", func() bool {
+		return f.outboxRows(t) == 0 && strings.Contains(f.logs.String(), "cache invalidation recovered")
+	})
 	if client.exists("account:7") {
 		t.Error("the key invalidated during the outage is still cached")
 	}
