@@ -413,33 +413,32 @@ func (d *decoder) durationOf(n *yaml.Node, path, s string) time.Duration {
 // walLimit reads a size where 0 (or "off") means no limit, stored as
 // NoWALLimit; absent is 0, the default.
 func (d *decoder) walLimit(n *yaml.Node, path string) int64 {
-	s, ok := d.scalar(n, path)
-	if !ok || s == "" {
-		return 0
-	}
-	if strings.EqualFold(s, "off") {
-		return NoWALLimit
-	}
-	v, ok := d.sizeOf(n, path, s)
-	if !ok {
-		return 0
-	}
-	if v == 0 {
+	v, set := d.sizeOrOff(n, path, NoWALLimit)
+	if set && v == 0 {
 		return NoWALLimit
 	}
 	return v
 }
 
+// catchUpRange reads a size where "off" (or -1) is NoCatchUp; absent is 0,
+// the default.
 func (d *decoder) catchUpRange(n *yaml.Node, path string) int64 {
+	v, _ := d.sizeOrOff(n, path, NoCatchUp)
+	return v
+}
+
+// sizeOrOff reads a size, or "off" as off; set says whether the key has
+// a value.
+func (d *decoder) sizeOrOff(n *yaml.Node, path string, off int64) (v int64, set bool) {
 	s, ok := d.scalar(n, path)
 	if !ok || s == "" {
-		return 0
+		return 0, false
 	}
-	if strings.EqualFold(s, "off") || s == "-1" {
-		return NoCatchUp
+	if strings.EqualFold(s, "off") {
+		return off, true
 	}
-	v, _ := d.sizeOf(n, path, s)
-	return v
+	v, _ = d.sizeOf(n, path, s)
+	return v, true
 }
 
 func (d *decoder) maxAge(n *yaml.Node, path string) time.Duration {

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -219,21 +220,13 @@ CREATE TABLE public.bulk (id int PRIMARY KEY, payload text NOT NULL);`,
 	}
 	// the temporary copies of the slot go with the peek connections, the
 	// killed agent's too
-	deadline := time.Now().Add(time.Minute)
-	for {
+	eventually(t, time.Minute, "temporary replication slots gone from the primary after catch-up", func() error {
 		n, err := queryInt(t, c, c.Config.Primary, `SELECT count(*) FROM pg_replication_slots WHERE temporary`)
-		if err != nil {
-			t.Fatal(err)
+		if err == nil && n != 0 {
+			err = fmt.Errorf("%d are left", n)
 		}
-		if n == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("%d temporary replication slots are left on the primary after catch-up", n)
-			break
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return err
+	})
 }
 
 // TestCatchUpPassesOpenTransaction: a transaction that began before a

@@ -187,13 +187,12 @@ func waitLog(t *testing.T, c *topology.Cluster, node, msg string, timeout time.D
 // waitLogCount waits until node's log has n lines whose msg is msg.
 func waitLogCount(t *testing.T, c *topology.Cluster, node, msg string, n int, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for len(findLogs(c.LogPath(node), msg)) < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent %s logged %q fewer than %d times within %s", node, msg, n, timeout)
+	eventually(t, timeout, fmt.Sprintf("agent %s logging %q %d times", node, msg, n), func() error {
+		if got := len(findLogs(c.LogPath(node), msg)); got < n {
+			return fmt.Errorf("logged %d times", got)
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 // findLogs returns the lines of an agent's log whose msg is msg.
@@ -227,10 +226,7 @@ func readLog(path string) []logEntry {
 }
 
 func findLog(path, msg string, parts ...string) (logEntry, bool) {
-	for _, e := range readLog(path) {
-		if e["msg"] != msg {
-			continue
-		}
+	for _, e := range findLogs(path, msg) {
 		text := fmt.Sprint(e["err"])
 		ok := true
 		for _, p := range parts {
